@@ -1,0 +1,41 @@
+"""retool: train language models with reinforcement learning to reason with a code interpreter.
+
+The public API. Everything here is re-exported from a private module and held stable by a test of
+``__all__``; plugin authors subclass the base classes (``Executor``, ``RolloutBackend``, ``Reward``,
+``Algorithm``, ``ProblemDataModule``) and exchange the dataclasses of :mod:`retool.types`.
+"""
+
+from retool.algorithm import Algorithm, PolicyBatch
+from retool.data import ProblemDataModule
+from retool.executor import Executor
+from retool.metrics import rollout_metrics
+from retool.policy import BUILTIN_MODELS, Policy, PolicyLoadError
+from retool.reward import Reward
+from retool.rollout import Generation, GenerationRequest, ReToolFormat, RolloutBackend, RolloutResult, ToolFormat
+from retool.types import ExecutionResult, Problem, RewardOutput, ToolCall, Trajectory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "Algorithm",
+    "ExecutionResult",
+    "Executor",
+    "Generation",
+    "GenerationRequest",
+    "Policy",
+    "PolicyBatch",
+    "PolicyLoadError",
+    "Problem",
+    "ProblemDataModule",
+    "ReToolFormat",
+    "Reward",
+    "RewardOutput",
+    "RolloutBackend",
+    "RolloutResult",
+    "ToolCall",
+    "ToolFormat",
+    "Trajectory",
+    "__version__",
+    "rollout_metrics",
+]

@@ -1,0 +1,156 @@
+"""What a run shows and keeps: a rich progress bar with one table row per RL step, and the run directory's
+files (per-step metrics, a readable sample of trajectories, the exported policy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+# (header, metric key, format) of the row printed after each step.
+COLUMNS: list[tuple[str, str, str]] = [
+    ("reward", "reward/mean", "{:+.3f}"),
+    ("acc", "reward/correct", "{:.2f}"),
+    ("resp tok", "response/model_tokens", "{:.0f}"),
+    ("tools/traj", "tools/calls", "{:.2f}"),
+    ("cells ok", "tools/cell_ok", "{:.2f}"),
+    ("gen s", "time/generate_s", "{:.1f}"),
+    ("tool wait s", "time/tool_wait_s", "{:.1f}"),
+    ("update s", "time/update_s", "{:.1f}"),
+    ("gen tok/s", "perf/generate_tokens_per_s", "{:.0f}"),
+]
+
+
+def _fmt(fmt: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+class StepTable(ProgressBar):
+    """A rich progress bar over RL steps and, after each step, one row of the numbers that matter.
+
+    Columns: mean reward, accuracy (share of correct answers), tokens the model wrote per trajectory, code
+    cells per trajectory, share of cells that ran cleanly, and the step's wall time split into decoding,
+    waiting for tools (no decoding possible) and the update, then decoding throughput.
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        super().__init__()
+        self.console = console or Console()
+        self.history: list[dict[str, float]] = []
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._enabled = True
+        self._widths = [max(len(h), 8) for h, _, _ in COLUMNS]
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled and self.trainer.is_global_zero
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.is_enabled:
+            return
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self._progress = Progress(
+            TextColumn("[bold]RL steps"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("steps", total=total)
+        header = "  ".join(["step".rjust(5)] + [h.rjust(w) for (h, _, _), w in zip(COLUMNS, self._widths)])
+        self._progress.console.print(f"[bold]{header}")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        metrics = outputs.get("metrics", {}) if isinstance(outputs, dict) else {}
+        self.history.append(dict(metrics))
+        if not self.is_enabled or self._progress is None:
+            return
+        cells = [_fmt(f, metrics.get(key)).rjust(w) for (_, key, f), w in zip(COLUMNS, self._widths)]
+        self._progress.console.print("  ".join([str(trainer.global_step).rjust(5), *cells]))
+        self._progress.update(self._task, completed=trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def summary(self) -> Table:
+        """A table of the run: first step, last step and the mean over all steps for each column."""
+        table = Table(title="run summary", title_justify="left")
+        table.add_column("metric")
+        for name in ("first step", "last step", "mean"):
+            table.add_column(name, justify="right")
+        for header, key, fmt in COLUMNS:
+            values = [h[key] for h in self.history if key in h]
+            if not values:
+                continue
+            table.add_row(header, _fmt(fmt, values[0]), _fmt(fmt, values[-1]), _fmt(fmt, sum(values) / len(values)))
+        return table
+
+
+class RunArtifacts(Callback):
+    """Writes the run directory's per-step files and exports the policy when the run ends.
+
+    Files: ``metrics.jsonl`` (every logged number, one line per step), ``trajectories.jsonl`` (a sample of
+    trajectories per step: prompt, the text with code and interpreter output, reward), and ``policy/`` (the
+    final policy in Hugging Face format). If the run is interrupted (Ctrl-C) or fails, the policy of the last
+    finished step is exported to ``policy-interrupted/`` so no finished work is lost.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.exported: Path | None = None
+
+    @rank_zero_only
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not isinstance(outputs, dict):
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": trainer.global_step, **outputs.get("metrics", {})}) + "\n")
+        with open(self.run_dir / "trajectories.jsonl", "a", encoding="utf-8") as f:
+            for sample in outputs.get("samples", []):
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "model", None) is not None and not trainer.interrupted:
+            self.exported = pl_module.export(self.run_dir / "policy")  # type: ignore[operator]
+
+    @rank_zero_only
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if getattr(pl_module, "model", None) is not None and trainer.global_step > 0:
+            self.exported = pl_module.export(self.run_dir / "policy-interrupted")  # type: ignore[operator]

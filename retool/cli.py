@@ -1,0 +1,284 @@
+"""The ``retool`` command: ``retool fit --recipe recipes/X.yaml [--section.key value ...]`` and ``retool plugins``.
+
+A recipe is flat, one section per plugin kind; the core wires the sections together (jsonargparse links the
+instantiated policy, rollout, executor and reward into the algorithm), so a user never nests one plugin in
+another. Every check that can fail on a typo runs before any model loads, and config errors print one
+message that names the fix, never a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata as md
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from retool import plugins as plugin_registry
+from retool.plugins import KINDS, PluginError, PluginInfo
+
+SECTIONS = ["seed_everything", "run_dir", "ckpt_path", "trainer", "policy", *KINDS]
+USAGE = """usage: retool [-p no:PLUGIN ...] COMMAND ...
+
+commands:
+  fit --recipe PATH [--print_config] [--section.key VALUE ...]   train with a recipe
+  plugins                                                        list the plugins found
+
+`retool fit --help` lists every option of every section."""
+
+
+class ConfigError(Exception):
+    """A recipe or command-line problem: printed as one message, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    blocked, args = _take_blocked(args)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    try:
+        if command == "plugins":
+            return cmd_plugins(blocked)
+        if command == "fit":
+            return cmd_fit(rest, blocked)
+        raise ConfigError(f"unknown command {command!r}; commands: fit, plugins")
+    except (ConfigError, PluginError) as exc:
+        _error(str(exc))
+        return 2
+
+
+def _error(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+
+
+def _take_blocked(args: list[str]) -> tuple[list[str], list[str]]:
+    """Split off ``-p no:NAME`` options (pytest's syntax for blocking a plugin)."""
+    blocked, rest, i = [], [], 0
+    while i < len(args):
+        if args[i] == "-p" and i + 1 < len(args):
+            value = args[i + 1]
+            if not value.startswith("no:"):
+                raise SystemExit(f"error: -p takes no:NAME to block a plugin, got {value!r}")
+            blocked.append(value[3:])
+            i += 2
+            continue
+        rest.append(args[i])
+        i += 1
+    return blocked, rest
+
+
+# ---- retool plugins -------------------------------------------------------------------------------------
+
+
+def cmd_plugins(blocked: Sequence[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    found = plugin_registry.discover(blocked)
+    table = Table(title="retool plugins")
+    for column in ("kind", "name", "class", "package", "version"):
+        table.add_column(column)
+    for p in found:
+        table.add_row(p.kind, p.name, p.class_path, p.package, p.version)
+    Console().print(table)
+    return 0
+
+
+# ---- retool fit -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> Any:
+    """The jsonargparse parser of a recipe: one section per plugin kind, linked into the algorithm."""
+    import lightning as L
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from retool.policy import Policy
+
+    parser = ArgumentParser(prog="retool fit", exit_on_error=False, description="Train a policy with a recipe.")
+    parser.add_argument("--recipe", action=ActionConfigFile, help="Path to a YAML recipe.")
+    parser.add_argument("--print_config", action="store_true", help="Print the resolved recipe and exit.")
+    parser.add_argument("--seed_everything", type=int, default=0, help="Seed of every RNG (Lightning).")
+    parser.add_argument("--run_dir", type=str | None, default=None, help="Run directory (default: runs/NAME-TIME).")
+    parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint to resume from.")
+    parser.add_class_arguments(L.Trainer, "trainer", instantiate=False, fail_untyped=False)
+    parser.add_class_arguments(Policy, "policy")
+    parser.add_subclass_arguments(KINDS["algorithm"], "algorithm", required=True)
+    parser.add_subclass_arguments(KINDS["rollout"], "rollout", required=False)
+    parser.add_subclass_arguments(KINDS["executor"], "executor", required=False)
+    parser.add_subclass_arguments(KINDS["reward"], "reward", required=False)
+    parser.add_subclass_arguments(KINDS["data"], "data", required=True)
+    for section in ("policy", "rollout", "executor", "reward"):
+        parser.link_arguments(section, f"algorithm.init_args.{section}", apply_on="instantiate")
+    return parser
+
+
+def _recipe_path(args: Sequence[str]) -> Path | None:
+    for i, arg in enumerate(args):
+        if arg == "--recipe" and i + 1 < len(args):
+            return Path(args[i + 1])
+        if arg.startswith("--recipe="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """Read a recipe file; a missing file or a YAML error becomes a :class:`ConfigError` with its line."""
+    if not path.is_file():
+        near = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*.yaml")], n=1)
+        hint = f"; did you mean {str(path.parent / near[0])!r}?" if near else ""
+        raise ConfigError(f"recipe file {str(path)!r} does not exist{hint}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections ({', '.join(SECTIONS)})")
+    return data
+
+
+def check_recipe(recipe: dict[str, Any], args: Sequence[str], found: list[PluginInfo]) -> None:
+    """Catch the typos that matter before jsonargparse does: unknown sections and unknown plugin names."""
+    for key in recipe:
+        if key not in SECTIONS:
+            near = difflib.get_close_matches(str(key), SECTIONS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown recipe section {key!r}{hint} sections: {', '.join(SECTIONS)}")
+    chosen: dict[str, str] = {}
+    for kind in KINDS:
+        section = recipe.get(kind)
+        if isinstance(section, dict) and "class_path" in section:
+            chosen[kind] = str(section["class_path"])
+        elif isinstance(section, str):
+            chosen[kind] = section
+    for i, arg in enumerate(args):  # command-line overrides: --executor X, --executor.class_path X, --executor=X
+        name, _, value = arg.partition("=")
+        for kind in KINDS:
+            if name in (f"--{kind}", f"--{kind}.class_path"):
+                chosen[kind] = value or (args[i + 1] if i + 1 < len(args) else "")
+    for kind, class_path in chosen.items():
+        plugin_registry.check_class_path(kind, class_path, found)
+
+
+def _clean_jsonargparse_error(message: str) -> str:
+    """jsonargparse nests the cause in long messages; keep the lines a user can act on."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    keep = [line for line in lines if not line.startswith(("- ", "Given value type", "Subclass types expected"))]
+    text = " ".join(keep or lines)
+    return text[:1500]
+
+
+def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
+    from jsonargparse import ArgumentError
+
+    found = plugin_registry.discover(blocked)
+    if "-h" in args or "--help" in args:
+        build_parser().print_help()
+        return 0
+    recipe_path = _recipe_path(args)
+    if recipe_path is None:
+        raise ConfigError("retool fit needs --recipe PATH (see recipes/ for examples)")
+    recipe = load_recipe(recipe_path)
+    check_recipe(recipe, args, found)
+    parser = build_parser()
+    try:
+        cfg = parser.parse_args(args)
+    except ArgumentError as exc:
+        raise ConfigError(_clean_jsonargparse_error(str(exc))) from None
+    if cfg.print_config:
+        cfg_out = cfg.clone()
+        del cfg_out["print_config"], cfg_out["recipe"]
+        print(parser.dump(cfg_out, skip_none=False))
+        return 0
+    return _fit(parser, cfg, recipe_path, found)
+
+
+def _versions(found: Sequence[PluginInfo]) -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("retool", "torch", "transformers", "lightning", "jsonargparse", "math-verify", "vllm", "deepspeed"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    for p in found:
+        versions.setdefault(p.package, p.version)
+    return versions
+
+
+def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) -> int:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from rich.console import Console
+
+    from retool.callbacks import RunArtifacts, StepTable
+    from retool.policy import PolicyLoadError
+
+    console = Console()
+    try:
+        init = parser.instantiate_classes(cfg)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid recipe value: {exc}") from None
+    run_dir = Path(cfg.run_dir or Path("runs") / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = cfg.clone()
+    del saved["print_config"], saved["recipe"]
+    saved.run_dir = str(run_dir)
+    (run_dir / "recipe.yaml").write_text(parser.dump(saved, skip_none=False), encoding="utf-8")
+    (run_dir / "versions.json").write_text(json.dumps(_versions(found), indent=2) + "\n", encoding="utf-8")
+    (run_dir / "seed.txt").write_text(f"{cfg.seed_everything}\n", encoding="utf-8")
+    L.seed_everything(cfg.seed_everything, workers=True, verbose=False)
+
+    trainer_kwargs = dict(init.trainer)
+    callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+    table = StepTable(console)
+    artifacts = RunArtifacts(run_dir)
+    callbacks += [table, artifacts]
+    if trainer_kwargs.get("enable_checkpointing", True) and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
+    if trainer_kwargs.get("logger") in (None, True):
+        trainer_kwargs["logger"] = [
+            CSVLogger(save_dir=run_dir, name="csv", version=""),
+            TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
+        ]
+    trainer_kwargs["default_root_dir"] = str(run_dir)
+    trainer_kwargs.setdefault("log_every_n_steps", 1)
+    trainer_kwargs["enable_progress_bar"] = True
+    trainer_kwargs["enable_model_summary"] = False
+    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
+
+    console.print(f"[bold]retool fit[/] {recipe_path} -> run directory [cyan]{run_dir}[/]")
+    try:
+        trainer.fit(init.algorithm, datamodule=init.data, ckpt_path=cfg.ckpt_path)
+    except PolicyLoadError as exc:
+        _error(str(exc))
+        return 1
+    if table.history:
+        console.print(table.summary())
+    if trainer.interrupted:
+        where = f"; the last finished step's policy is in {artifacts.exported}" if artifacts.exported else ""
+        console.print(f"[yellow]interrupted after {trainer.global_step} steps{where}[/]")
+        console.print(f"run directory: {run_dir}")
+        return 130
+    if artifacts.exported:
+        console.print(f"policy (Hugging Face format): [cyan]{artifacts.exported}[/]")
+    console.print(f"run directory: [cyan]{run_dir}[/]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

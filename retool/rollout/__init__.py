@@ -1,0 +1,17 @@
+"""Rollouts: the backend contract, the tool-interleaving loop and the text format."""
+
+from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
+from retool.rollout.format import ReToolFormat, ToolFormat
+from retool.rollout.loop import prompt_token_ids, rollout_groups, run_trajectory
+
+__all__ = [
+    "Generation",
+    "GenerationRequest",
+    "ReToolFormat",
+    "RolloutBackend",
+    "RolloutResult",
+    "ToolFormat",
+    "prompt_token_ids",
+    "rollout_groups",
+    "run_trajectory",
+]

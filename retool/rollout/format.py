@@ -1,0 +1,136 @@
+"""The text format of a tool-using trajectory: how the prompt asks for code, where a cell ends, what the
+interpreter's reply looks like.
+
+The format is a swappable object (a rollout option), so that a JSON tool-call format can sit beside the
+paper's tags. :class:`ReToolFormat` is the paper's: code goes in ``<code>`` + a python fence + ``</code>``,
+the interpreter answers in ``<interpreter>...</interpreter>``, the final answer is
+``<answer>\\boxed{...}</answer>``.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from retool.types import ExecutionResult, Problem
+
+_FENCE_OPEN = re.compile(r"```[ \t]*(?:python|py|python3)[ \t]*\n", re.IGNORECASE)
+_CODE_OPEN = "<code>"
+_CODE_CLOSE = "</code>"
+
+
+class ToolFormat(ABC):
+    """How tool calls are written in text. Subclass it for another convention (e.g. JSON tool calls)."""
+
+    @abstractmethod
+    def messages(self, problem: Problem) -> list[dict[str, str]]:
+        """The chat messages that open a trajectory for ``problem`` (rendered by the model's chat template)."""
+
+    @abstractmethod
+    def cell_closed(self, segment: str) -> bool:
+        """Whether ``segment`` (model text since the last interpreter reply) ends with a complete code cell.
+
+        The rollout backend calls this while decoding, whenever the text grew; it must be cheap.
+        """
+
+    @abstractmethod
+    def extract_code(self, segment: str) -> str | None:
+        """The code of the cell that closes ``segment``, or ``None`` when there is none."""
+
+    @abstractmethod
+    def feedback(self, result: ExecutionResult) -> str:
+        """The text appended after a cell: the interpreter's reply as the model will read it."""
+
+
+def _last_cell_start(segment: str) -> tuple[int, bool] | None:
+    """Position just after the last opening of a cell in ``segment``, and whether it was ``<code>``-wrapped."""
+    tag = segment.rfind(_CODE_OPEN)
+    fences = list(_FENCE_OPEN.finditer(segment))
+    fence = fences[-1].end() if fences else -1
+    if tag < 0 and fence < 0:
+        return None
+    if tag >= 0 and (fence < 0 or fence > tag):
+        # A fence after the last <code> belongs to that <code> cell: wait for </code>.
+        return tag + len(_CODE_OPEN), True
+    return fence, False
+
+
+class ReToolFormat(ToolFormat):
+    """The ReTool paper's format: ``<code>`` cells, ``<interpreter>`` replies, ``<answer>\\boxed{}</answer>``.
+
+    A cell closes at ``</code>``; a bare python fence (no ``<code>`` around it) closes at its closing
+    backticks, so a small model that has never seen the tags calls the interpreter from its first step.
+
+    Args:
+        instructions: The tool instructions put before the question (``{question}`` marks where it goes).
+            The default tells the model how to write code and the final answer.
+        system_prompt: An optional system message; ``None`` keeps the chat template's default.
+        empty_output: What the interpreter says when a cell printed nothing and raised nothing.
+    """
+
+    DEFAULT_INSTRUCTIONS = (
+        "Solve the math problem below. You can run Python code to compute exact results: write a complete "
+        "script between <code> and </code> in a ```python code block, and use print() to show values. The "
+        "printed output comes back to you between <interpreter> and </interpreter>. Finish with the final "
+        "answer as <answer>\\boxed{{your answer}}</answer>.\n\nProblem: {question}"
+    )
+
+    def __init__(
+        self,
+        instructions: str = DEFAULT_INSTRUCTIONS,
+        system_prompt: str | None = None,
+        empty_output: str = "(no output: use print() to show a value)",
+    ) -> None:
+        if "{question}" not in instructions:
+            raise ValueError("ReToolFormat instructions must contain the placeholder {question}")
+        self.instructions = instructions
+        self.system_prompt = system_prompt
+        self.empty_output = empty_output
+
+    def messages(self, problem: Problem) -> list[dict[str, str]]:
+        messages: list[dict[str, str]] = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": self.instructions.format(question=problem.prompt)})
+        return messages
+
+    def cell_closed(self, segment: str) -> bool:
+        start = _last_cell_start(segment)
+        if start is None:
+            return False
+        pos, tagged = start
+        body = segment[pos:]
+        return _CODE_CLOSE in body if tagged else "```" in body
+
+    def extract_code(self, segment: str) -> str | None:
+        start = _last_cell_start(segment)
+        if start is None:
+            return None
+        pos, tagged = start
+        body = segment[pos:]
+        if tagged:
+            end = body.find(_CODE_CLOSE)
+            if end < 0:
+                return None
+            body = body[:end]
+            fence = _FENCE_OPEN.search(body)
+            if fence:
+                body = body[fence.end() :]
+            body = body.split("```")[0]
+        else:
+            end = body.find("```")
+            if end < 0:
+                return None
+            body = body[:end]
+        return body.strip("\n")
+
+    def feedback(self, result: ExecutionResult) -> str:
+        parts = [result.stdout.rstrip("\n")] if result.stdout.strip() else []
+        if result.timed_out:
+            parts.append("TimeoutError: the cell ran past its time limit and was stopped")
+        elif result.error:
+            parts.append(result.error)
+        if result.session_restarted:
+            parts.insert(0, "(the interpreter was restarted: earlier variables are gone)")
+        text = "\n".join(parts) if parts else self.empty_output
+        return f"\n<interpreter>\n{text}\n</interpreter>\n"
+

@@ -1,0 +1,81 @@
+"""Fakes for testing plugins without a real model or sandbox.
+
+``ScriptedRollout`` plays back a fixed response text token by token, honouring stops exactly as a real
+backend must, so the core's tool loop can be tested with cells at known places. ``EchoExecutor`` answers
+cells with a fixed function of their code. Neither runs model-written code: they are for tests only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from retool.executor import Executor
+from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend
+from retool.types import ExecutionResult
+
+
+class ScriptedRollout(RolloutBackend):
+    """A backend that "generates" a scripted response for each trajectory.
+
+    Args:
+        script: Maps the prompt text of a trajectory to the full text the model should write (cells
+            included, interpreter replies excluded: the loop inserts those after each closed cell).
+        eos: Append the tokenizer's EOS token when the script ends.
+        **kwargs: Budgets and format, as for any backend.
+    """
+
+    def __init__(self, script: Callable[[str], str], eos: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.script = script
+        self.eos = eos
+        self._cursor: dict[str, tuple[list[int], int]] = {}
+        self.calls: list[GenerationRequest] = []
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        self.calls.append(request)
+        if request.request_id not in self._cursor:
+            prompt = self.tokenizer.decode(request.token_ids, skip_special_tokens=False)
+            ids = list(self.tokenizer.encode(self.script(prompt), add_special_tokens=False))
+            if self.eos:
+                ids.append(self.tokenizer.eos_token_id)
+            self._cursor[request.request_id] = (ids, 0)
+        ids, pos = self._cursor[request.request_id]
+        out: list[int] = []
+        reason = "length"
+        while len(out) < request.max_new_tokens:
+            if pos >= len(ids):
+                reason = "eos"
+                break
+            out.append(ids[pos])
+            pos += 1
+            if self.eos and out[-1] == self.tokenizer.eos_token_id:
+                reason = "eos"
+                break
+            if request.stop is not None and request.stop(self.tokenizer.decode(out, skip_special_tokens=False)):
+                reason = "stop"
+                break
+        self._cursor[request.request_id] = (ids, pos)
+        return Generation(out, [0.0] * len(out), reason)  # type: ignore[arg-type]
+
+
+class EchoExecutor(Executor):
+    """Answers each cell with ``respond(code)`` as its stdout; records every call. Runs nothing.
+
+    Args:
+        respond: Maps a cell's code to the stdout to report.
+    """
+
+    def __init__(self, respond: Callable[[str], str] = lambda code: "ok\n") -> None:
+        self.respond = respond
+        self.calls: list[tuple[str, str]] = []
+        self.closed: list[str] = []
+
+    async def execute(self, code: str, session: str) -> ExecutionResult:
+        self.calls.append((session, code))
+        return ExecutionResult(stdout=self.respond(code))
+
+    async def close_session(self, session: str) -> None:
+        self.closed.append(session)
+
+    async def aclose(self) -> None:
+        pass
