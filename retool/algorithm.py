@@ -190,6 +190,7 @@ class Algorithm(L.LightningModule, ABC):
             return
         self.tokenizer = self.policy.load_tokenizer()
         self.model = self.policy.load_model()
+        self.model.train()  # from_pretrained returns eval mode; dropout (if any) follows Lightning's mode
         if self.needs_reference():
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         if self.rollout is not None:
@@ -222,7 +223,9 @@ class Algorithm(L.LightningModule, ABC):
             "time/tool_wait_s": rollout.tool_wait_s,
             "time/update_s": update_s,
             "time/step_s": time.perf_counter() - step_start,
-            "perf/generate_tokens_per_s": rollout.generated_tokens / max(rollout.generate_s, 1e-9),
+            "perf/generate_tokens_per_s": (
+                rollout.generated_tokens / rollout.generate_s if rollout.generate_s > 1e-6 else float("nan")
+            ),
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(problems))
         return {"metrics": metrics, "samples": self._samples(rollout.trajectories, expanded, scores)}

@@ -19,15 +19,15 @@ from rich.table import Table
 
 # (header, metric key, format) of the row printed after each step.
 COLUMNS: list[tuple[str, str, str]] = [
-    ("reward", "reward/mean", "{:+.3f}"),
+    ("reward", "reward/mean", "{:+.2f}"),
     ("acc", "reward/correct", "{:.2f}"),
-    ("resp tok", "response/model_tokens", "{:.0f}"),
-    ("tools/traj", "tools/calls", "{:.2f}"),
-    ("cells ok", "tools/cell_ok", "{:.2f}"),
+    ("tokens", "response/model_tokens", "{:.0f}"),
+    ("calls", "tools/calls", "{:.2f}"),
+    ("cell ok", "tools/cell_ok", "{:.2f}"),
     ("gen s", "time/generate_s", "{:.1f}"),
-    ("tool wait s", "time/tool_wait_s", "{:.1f}"),
-    ("update s", "time/update_s", "{:.1f}"),
-    ("gen tok/s", "perf/generate_tokens_per_s", "{:.0f}"),
+    ("tool s", "time/tool_wait_s", "{:.1f}"),
+    ("upd s", "time/update_s", "{:.1f}"),
+    ("tok/s", "perf/generate_tokens_per_s", "{:.0f}"),
 ]
 
 
@@ -40,9 +40,10 @@ def _fmt(fmt: str, value: Any) -> str:
 class StepTable(ProgressBar):
     """A rich progress bar over RL steps and, after each step, one row of the numbers that matter.
 
-    Columns: mean reward, accuracy (share of correct answers), tokens the model wrote per trajectory, code
-    cells per trajectory, share of cells that ran cleanly, and the step's wall time split into decoding,
-    waiting for tools (no decoding possible) and the update, then decoding throughput.
+    Columns: ``reward`` mean reward; ``acc`` share of correct answers; ``tokens`` tokens the model wrote per
+    trajectory; ``calls`` code cells per trajectory; ``cell ok`` share of cells that ran without error; the
+    step's wall time split into ``gen s`` (decoding), ``tool s`` (waiting for cells while nothing could
+    decode) and ``upd s`` (the update); ``tok/s`` decoding throughput.
     """
 
     def __init__(self, console: Console | None = None) -> None:
@@ -52,7 +53,7 @@ class StepTable(ProgressBar):
         self._progress: Progress | None = None
         self._task: Any = None
         self._enabled = True
-        self._widths = [max(len(h), 8) for h, _, _ in COLUMNS]
+        self._widths = [max(len(h), 6) for h, _, _ in COLUMNS]
 
     def disable(self) -> None:
         self._enabled = False
@@ -81,7 +82,7 @@ class StepTable(ProgressBar):
         self._progress.start()
         self._task = self._progress.add_task("steps", total=total)
         header = "  ".join(["step".rjust(5)] + [h.rjust(w) for (h, _, _), w in zip(COLUMNS, self._widths)])
-        self._progress.console.print(f"[bold]{header}")
+        self._progress.console.print(f"[bold]{header}", soft_wrap=True)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -91,7 +92,7 @@ class StepTable(ProgressBar):
         if not self.is_enabled or self._progress is None:
             return
         cells = [_fmt(f, metrics.get(key)).rjust(w) for (_, key, f), w in zip(COLUMNS, self._widths)]
-        self._progress.console.print("  ".join([str(trainer.global_step).rjust(5), *cells]))
+        self._progress.console.print("  ".join([str(trainer.global_step).rjust(5), *cells]), soft_wrap=True)
         self._progress.update(self._task, completed=trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -90,7 +90,9 @@ def cmd_plugins(blocked: Sequence[str]) -> int:
         table.add_column(column)
     for p in found:
         table.add_row(p.kind, p.name, p.class_path, p.package, p.version)
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 160)  # class paths are long; never cut them
+    console.print(table)
     return 0
 
 
@@ -106,7 +108,6 @@ def build_parser() -> Any:
 
     parser = ArgumentParser(prog="retool fit", exit_on_error=False, description="Train a policy with a recipe.")
     parser.add_argument("--recipe", action=ActionConfigFile, help="Path to a YAML recipe.")
-    parser.add_argument("--print_config", action="store_true", help="Print the resolved recipe and exit.")
     parser.add_argument("--seed_everything", type=int, default=0, help="Seed of every RNG (Lightning).")
     parser.add_argument("--run_dir", type=str | None, default=None, help="Run directory (default: runs/NAME-TIME).")
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint to resume from.")
@@ -196,14 +197,11 @@ def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
     check_recipe(recipe, args, found)
     parser = build_parser()
     try:
-        cfg = parser.parse_args(args)
+        cfg = parser.parse_args(args)  # --print_config (jsonargparse's own) prints and exits here
     except ArgumentError as exc:
         raise ConfigError(_clean_jsonargparse_error(str(exc))) from None
-    if cfg.print_config:
-        cfg_out = cfg.clone()
-        del cfg_out["print_config"], cfg_out["recipe"]
-        print(parser.dump(cfg_out, skip_none=False))
-        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
     return _fit(parser, cfg, recipe_path, found)
 
 
@@ -230,15 +228,17 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
 
     console = Console()
     try:
-        init = parser.instantiate_classes(cfg)
+        init = parser.instantiate(cfg)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"invalid recipe value: {exc}") from None
     run_dir = Path(cfg.run_dir or Path("runs") / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = cfg.clone()
-    del saved["print_config"], saved["recipe"]
+    for key in ("print_config", "recipe"):
+        if key in saved:
+            del saved[key]
     saved.run_dir = str(run_dir)
-    (run_dir / "recipe.yaml").write_text(parser.dump(saved, skip_none=False), encoding="utf-8")
+    (run_dir / "recipe.yaml").write_text(parser.dump(saved), encoding="utf-8")
     (run_dir / "versions.json").write_text(json.dumps(_versions(found), indent=2) + "\n", encoding="utf-8")
     (run_dir / "seed.txt").write_text(f"{cfg.seed_everything}\n", encoding="utf-8")
     L.seed_everything(cfg.seed_everything, workers=True, verbose=False)
@@ -256,7 +256,8 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
             TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
         ]
     trainer_kwargs["default_root_dir"] = str(run_dir)
-    trainer_kwargs.setdefault("log_every_n_steps", 1)
+    if trainer_kwargs.get("log_every_n_steps") is None:
+        trainer_kwargs["log_every_n_steps"] = 1  # one RL step is expensive: log every one
     trainer_kwargs["enable_progress_bar"] = True
     trainer_kwargs["enable_model_summary"] = False
     trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)

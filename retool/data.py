@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -63,8 +64,5 @@ class ProblemDataModule(L.LightningDataModule):
             drop_last=len(problems) >= self.batch_size,
         )
 
-    def val_dataloader(self) -> DataLoader | list:
-        problems = self.problems("val")
-        if not problems:
-            return []
-        return DataLoader(problems, batch_size=self.batch_size, shuffle=False, collate_fn=_as_list)  # type: ignore[arg-type]
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # a batch is a list of Problems (frozen dataclasses of text): nothing to move

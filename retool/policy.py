@@ -43,6 +43,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+CACHE_FORMAT = 2  # bump when the conversion changes, so stale caches are rebuilt rather than trusted
+
+
 def cache_dir() -> Path:
     """Where converted built-in models live: ``$RETOOL_CACHE_DIR``, else ``$XDG_CACHE_HOME/retool``."""
     if os.environ.get("RETOOL_CACHE_DIR"):
@@ -63,7 +66,7 @@ def builtin_model_dir(name: str) -> Path:
             f"install it with: {spec.install}"
         )
     stat = gguf.stat()
-    target = cache_dir() / "models" / f"{name}-{stat.st_size}"
+    target = cache_dir() / "models" / f"{name}-{stat.st_size}-v{CACHE_FORMAT}"
     if (target / "config.json").is_file() and (target / "retool-source.json").is_file():
         return target
     _convert_gguf(gguf, target)
@@ -83,8 +86,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # A model loaded from GGUF refuses save_pretrained; a fresh one built from its config does not.
-        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        # A model loaded from GGUF refuses save_pretrained; a fresh one built from its config does not, once
+        # the config forgets the quantization (else every later load, and every export, is "GGUF-quantized").
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         model.generation_config = loaded.generation_config
         model.save_pretrained(staging, safe_serialization=True)
@@ -157,10 +164,17 @@ class Policy:
     def load_model(self) -> Any:
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise in a training log
 
         source = self.resolve()
         dtype = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
-        kwargs: dict[str, Any] = {"dtype": dtype, "revision": self.revision, "trust_remote_code": self.trust_remote_code}
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+        }
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         return self._hub_guard(source, lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))

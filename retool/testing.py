@@ -7,7 +7,9 @@ cells with a fixed function of their code. Neither runs model-written code: they
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from typing import Any
 
 from retool.executor import Executor
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend
@@ -18,15 +20,20 @@ class ScriptedRollout(RolloutBackend):
     """A backend that "generates" a scripted response for each trajectory.
 
     Args:
-        script: Maps the prompt text of a trajectory to the full text the model should write (cells
-            included, interpreter replies excluded: the loop inserts those after each closed cell).
+        script: The full text the model should write (cells included, interpreter replies excluded: the
+            loop inserts those after each closed cell); a list of texts, used in turn by successive
+            trajectories; or a function of the prompt text that returns it.
         eos: Append the tokenizer's EOS token when the script ends.
         **kwargs: Budgets and format, as for any backend.
     """
 
-    def __init__(self, script: Callable[[str], str], eos: bool = True, **kwargs) -> None:
+    def __init__(self, script: str | list[str] | Callable[[str], str], eos: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.script = script
+        if callable(script):
+            self.script = script
+        else:
+            texts = itertools.cycle([script] if isinstance(script, str) else list(script))
+            self.script = lambda prompt: next(texts)
         self.eos = eos
         self._cursor: dict[str, tuple[list[int], int]] = {}
         self.calls: list[GenerationRequest] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+
 from retool.types import ExecutionResult, Problem
 
 _FENCE_OPEN = re.compile(r"```[ \t]*(?:python|py|python3)[ \t]*\n", re.IGNORECASE)
@@ -133,4 +134,3 @@ class ReToolFormat(ToolFormat):
             parts.insert(0, "(the interpreter was restarted: earlier variables are gone)")
         text = "\n".join(parts) if parts else self.empty_output
         return f"\n<interpreter>\n{text}\n</interpreter>\n"
-

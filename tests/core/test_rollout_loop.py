@@ -63,7 +63,9 @@ def test_interpreter_tokens_are_the_tokenization_of_the_feedback(tokenizer) -> N
     backend = _backend(tokenizer, max_new_tokens=400)
     (traj,) = backend.rollout([Problem("p0", "q", "1")], 1, executor).trajectories
     call = traj.tool_calls[0]
-    assert traj.token_ids[call.token_start : call.token_end] == tokenizer.encode(call.feedback, add_special_tokens=False)
+    assert traj.token_ids[call.token_start : call.token_end] == tokenizer.encode(
+        call.feedback, add_special_tokens=False
+    )
     # The next generation request continued from the exact token list, interpreter tokens included.
     second = backend.calls[1]
     assert second.token_ids == traj.token_ids[: len(second.token_ids)]

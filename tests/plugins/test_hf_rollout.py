@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from retool import GenerationRequest, Problem
-from retool.testing import EchoExecutor
+from retool import GenerationRequest
 from retool_plugins.rollout.hf import HFRollout, sample_next
 
 
@@ -43,7 +42,9 @@ def test_batched_greedy_decoding_matches_unbatched_reference(model_and_tokenizer
     model, tokenizer = model_and_tokenizer
     backend = HFRollout(temperature=0.0, max_new_tokens=12)
     backend.bind(model, tokenizer)
-    prompts = [tokenizer.encode(t) for t in ("Hello there, how are", "2 + 2 =", "A much longer prompt that needs padding")]
+    prompts = [
+        tokenizer.encode(t) for t in ("Hello there, how are", "2 + 2 =", "A much longer prompt that needs padding")
+    ]
     results = _run(backend, [GenerationRequest(p, 12) for p in prompts])
     for prompt, result in zip(prompts, results):
         expected = _greedy_reference(model, prompt, 12)

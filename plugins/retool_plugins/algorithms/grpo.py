@@ -56,9 +56,10 @@ class GRPO(Algorithm):
         return self.kl_coef > 0
 
     def advantages(self, batch: PolicyBatch) -> torch.Tensor:
-        return group_advantages(batch.rewards, self.group_size, self.scale_by_std, self.std_eps)[
-            :, None
-        ] * batch.response_mask
+        return (
+            group_advantages(batch.rewards, self.group_size, self.scale_by_std, self.std_eps)[:, None]
+            * batch.response_mask
+        )
 
     def loss(
         self, batch: PolicyBatch, logprobs: torch.Tensor, entropy: torch.Tensor, token_count: torch.Tensor

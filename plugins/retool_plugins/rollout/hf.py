@@ -162,8 +162,14 @@ class HFRollout(RolloutBackend):
         reasons: list[str | None] = [None] * rows
         steps = max(r.max_new_tokens for r in requests)
         try:
-            out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             for _ in range(steps):
                 tokens, logprobs = sample_next(
                     out.logits[:, -1, :], self.temperature, self.top_p, self.top_k, self._generator
@@ -185,8 +191,13 @@ class HFRollout(RolloutBackend):
                     break
                 attention = torch.cat([attention, attention.new_ones((rows, 1))], dim=1)
                 positions = positions[:, -1:] + 1
-                out = model(input_ids=tokens[:, None].to(device), attention_mask=attention,
-                            position_ids=positions, past_key_values=cache, use_cache=True)
+                out = model(
+                    input_ids=tokens[:, None].to(device),
+                    attention_mask=attention,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
         finally:
             model.train(was_training)
         return [

@@ -1,0 +1,402 @@
+"""The worker process behind :class:`~retool_plugins.executors.local.LocalSandbox`: it runs one session's cells.
+
+The parent starts it as ``python -I _worker.py REQ_FD REP_FD MIRROR_FD CONFIG_JSON`` with fds 0, 1 and 2 on
+``/dev/null``. Requests arrive on ``REQ_FD`` and replies leave on ``REP_FD``, each a 4-byte big-endian length
+followed by UTF-8 JSON; never pickle, so nothing a cell writes can make the parent run code. The protocol lives
+on private fds, so a cell that writes to fd 1 or 2 directly (``os.write``, C code, child processes) cannot
+corrupt it: that output goes to ``/dev/null``.
+
+A cell's ``sys.stdout`` and ``sys.stderr`` keep only the head and a rolling tail of what it prints, so a flood
+costs bounded memory. The head is also mirrored into shared memory (``MIRROR_FD``, a memfd of the parent), so
+that when the parent has to kill a cell that hangs or crashes it can still show what the cell printed.
+
+The module imports only the standard library, and the parent imports it too for :func:`fit` and
+:func:`read_mirror`; running it is what makes a worker.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import codecs
+import io
+import json
+import linecache
+import mmap
+import os
+import struct
+import sys
+import traceback
+import types
+from collections.abc import Callable
+from typing import Any
+
+_MARKER = "\n...[{} chars cut]...\n"
+_FRAME = struct.Struct(">I")
+_MIRROR = struct.Struct("<IIBB")  # bytes used by the stdout and stderr heads; whether each ran past its head
+_LOST = "\n...[more output was not kept]...\n"
+
+# Bound now: a cell may rebind os.write or json.dumps, and the reply of its cell must still go out.
+_read = os.read
+_write = os.write
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+_decode = json.JSONDecoder().decode
+
+
+class Clip:
+    """The head and a rolling tail of a text stream, holding at most about ``3 * cap`` characters.
+
+    Args:
+        cap: Characters kept at each end.
+        mirror: Called with each piece of text that enters the head, and once with ``None`` when the stream
+            first runs past its head.
+    """
+
+    def __init__(self, cap: int, mirror: Callable[[str | None], None] | None = None) -> None:
+        self.cap = cap
+        self.mirror = mirror
+        self.overflowed = False
+        self.head: list[str] = []
+        self.head_len = 0
+        self.tail: list[str] = []
+        self.tail_len = 0
+        self.total = 0
+
+    def add(self, text: str) -> None:
+        """Account for ``text`` and keep what falls into the head or the tail."""
+        n = len(text)
+        self.total += n
+        start = 0
+        if self.head_len < self.cap:
+            start = min(self.cap - self.head_len, n)
+            piece = text[:start]
+            self.head.append(piece)
+            self.head_len += start
+            if self.mirror is not None:
+                self.mirror(piece)
+        rest = n - start
+        if rest <= 0:
+            return
+        if not self.overflowed:
+            self.overflowed = True
+            if self.mirror is not None:
+                self.mirror(None)
+        if rest >= self.cap:
+            # Slice from the end only: one huge string then costs no copy beyond what is kept.
+            self.tail = [text[n - self.cap :]]
+            self.tail_len = self.cap
+            return
+        self.tail.append(text[start:])
+        self.tail_len += rest
+        if self.tail_len > 2 * self.cap:  # amortized trimming keeps many small writes cheap
+            joined = "".join(self.tail)
+            self.tail = [joined[len(joined) - self.cap :]]
+            self.tail_len = self.cap
+
+    def render(self, budget: int) -> tuple[str, bool]:
+        """The stream in at most ``budget`` characters (plus a marker): head and tail halves when it is longer."""
+        head, tail = "".join(self.head), "".join(self.tail)
+        if self.total <= budget:
+            return head + tail, False
+        if self.total == len(head) + len(tail):  # nothing was dropped yet: cut the whole text
+            head = tail = head + tail
+        keep_head = (budget + 1) // 2
+        keep_tail = budget - keep_head
+        return head[:keep_head] + _MARKER.format(self.total - budget) + tail[len(tail) - keep_tail :], True
+
+
+def fit(out: Clip, err: Clip, budget: int) -> tuple[str, str, bool]:
+    """Render stdout and stderr within one shared ``budget`` of characters.
+
+    A short stream keeps all of its text and leaves the rest of the budget to the other; two long ones get half
+    each. Returns ``(stdout, stderr, truncated)``.
+    """
+    n_out, n_err = out.total, err.total
+    if n_out + n_err <= budget:
+        b_out, b_err = n_out, n_err
+    elif n_err <= budget // 2:
+        b_out, b_err = budget - n_err, n_err
+    elif n_out <= budget - budget // 2:
+        b_out, b_err = n_out, budget - n_out
+    else:
+        b_out, b_err = budget - budget // 2, budget // 2
+    stdout, cut_out = out.render(b_out)
+    stderr, cut_err = err.render(b_err)
+    return stdout, stderr, cut_out or cut_err
+
+
+def clip_text(text: str, budget: int) -> Clip:
+    """A :class:`Clip` holding ``text``, for cutting a string that is already in memory."""
+    clip = Clip(budget)
+    clip.add(text)
+    return clip
+
+
+def error_budget(cap: int) -> int:
+    """Characters kept of the error line (a message can be huge: ``raise ValueError("x" * 10**8)``)."""
+    return max(cap, 200)
+
+
+def mirror_size(cap: int) -> int:
+    """Bytes of the shared head mirror for ``cap`` characters per stream (UTF-8 needs at most 4 per character)."""
+    return _MIRROR.size + 2 * 4 * cap
+
+
+def read_mirror(data: bytes, cap: int) -> tuple[str, str, bool]:
+    """Decode ``(stdout, stderr, truncated)`` from a head mirror; a stream that ran past its head gets a marker."""
+    region = 4 * cap
+    n_out, n_err, over_out, over_err = _MIRROR.unpack_from(data)
+    texts = []
+    for start, used, over in ((_MIRROR.size, n_out, over_out), (_MIRROR.size + region, n_err, over_err)):
+        texts.append(data[start : start + min(used, region)].decode("utf-8", "replace") + (_LOST if over else ""))
+    return texts[0], texts[1], bool(over_out or over_err)
+
+
+class Mirror:
+    """Writes each stream's head into the parent's memfd: slot 0 is stdout, slot 1 is stderr.
+
+    Args:
+        fd: The memfd, already sized by the parent to :func:`mirror_size`.
+        cap: Characters per stream.
+    """
+
+    def __init__(self, fd: int, cap: int) -> None:
+        self.region = 4 * cap
+        self.map = mmap.mmap(fd, mirror_size(cap))
+        self.used = [0, 0]
+        self.over = [0, 0]
+
+    def reset(self) -> None:
+        """Forget the previous cell's heads."""
+        self.used = [0, 0]
+        self.over = [0, 0]
+        _MIRROR.pack_into(self.map, 0, 0, 0, 0, 0)
+
+    def writer(self, slot: int) -> Callable[[str | None], None]:
+        """The ``Clip.mirror`` callback for ``slot``."""
+
+        def add(text: str | None) -> None:
+            if text is None:
+                self.over[slot] = 1
+                _MIRROR.pack_into(self.map, 0, *self.used, *self.over)
+                return
+            data = text.encode("utf-8", "replace")[: self.region - self.used[slot]]
+            start = _MIRROR.size + slot * self.region + self.used[slot]
+            self.map[start : start + len(data)] = data
+            self.used[slot] += len(data)
+            # The header after the data: the parent never reads bytes that are not written yet.
+            _MIRROR.pack_into(self.map, 0, *self.used, *self.over)
+
+        return add
+
+
+class Capture(io.TextIOBase):
+    """The worker's persistent ``sys.stdout`` / ``sys.stderr``; each cell gets a fresh :class:`Clip` inside it.
+
+    The object stays the same across cells, so a logging handler a cell creates keeps writing into the output
+    of later cells, as in a notebook. Bytes written to its ``buffer`` are decoded as UTF-8, invalid ones replaced.
+    """
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clip = Clip(0)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.buffer = types.SimpleNamespace(write=self._write_bytes, flush=self.flush, writable=self.writable)
+
+    def _write_bytes(self, data: Any) -> int:
+        data = memoryview(data).tobytes()  # rejects str and int, like a real binary stream
+        self.write(self.decoder.decode(data))
+        return len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: Any) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self.clip.add(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass  # a cell that closes sys.stdout must not silence every later cell
+
+    def start(self, cap: int, mirror: Callable[[str | None], None] | None) -> None:
+        """Begin capturing a cell."""
+        self.clip = Clip(cap, mirror)
+        self.decoder.reset()
+
+    def stop(self) -> Clip:
+        """End the cell and return what it wrote; output from stray threads is then discarded."""
+        rest = self.decoder.decode(b"", final=True)
+        if rest:
+            self.clip.add(rest)
+        clip, self.clip = self.clip, Clip(0)
+        return clip
+
+
+def _report(exc: BaseException, tb: types.TracebackType | None, err: Capture) -> str:
+    """Write the traceback to the cell's stderr and return its last line (``"NameError: ..."``)."""
+    try:
+        te = traceback.TracebackException(type(exc), exc, tb, compact=True)
+        err.write("".join(te.format()))
+        # The exception line is the first one not indented (a SyntaxError puts the code and caret before it).
+        lines = [line for line in te.format_exception_only() if not line[:1].isspace()]
+        return lines[0].strip() if lines else type(exc).__name__
+    except BaseException:  # an exception whose formatting fails must still be reported
+        return type(exc).__name__
+
+
+def run_cell(
+    code: str, namespace: dict[str, Any], number: int, out: Capture, err: Capture, cap: int, mirror: Mirror | None
+) -> dict[str, Any]:
+    """Run one cell in ``namespace`` and return the reply (without its ``seq``)."""
+    if mirror is not None:
+        mirror.reset()
+    out.start(cap, mirror.writer(0) if mirror else None)
+    err.start(cap, mirror.writer(1) if mirror else None)
+    sys.stdout, sys.stderr = out, err  # a previous cell may have replaced them
+    filename = f"<cell-{number}>"
+    error: str | None = None
+    memory = False
+    try:
+        # Registered so that tracebacks show the cell's source lines.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        tree = ast.parse(code, filename)
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
+            last = ast.Expression(tree.body.pop().value)
+        # dont_inherit: this module's own `from __future__` imports must not change the cell's semantics.
+        body = compile(tree, filename, "exec", dont_inherit=True)
+        expr = compile(last, filename, "eval", dont_inherit=True) if last is not None else None
+    except BaseException as exc:  # SyntaxError, or MemoryError/RecursionError on absurd input
+        error, memory = _report(exc, None, err), isinstance(exc, MemoryError)
+    else:
+        try:
+            exec(body, namespace)
+            if expr is not None:
+                # Like a notebook: a bare last expression shows its value (small models write `x`, not `print(x)`).
+                value = eval(expr, namespace)
+                if value is not None:
+                    out.write(repr(value) + "\n")
+        except BaseException as exc:  # KeyboardInterrupt and SystemExit too: they end the cell, not the worker
+            tb = exc.__traceback__
+            error, memory = _report(exc, tb.tb_next if tb else None, err), isinstance(exc, MemoryError)
+    stdout, stderr, truncated = fit(out.stop(), err.stop(), cap)
+    if error is not None:
+        error, cut = clip_text(error, error_budget(cap)).render(error_budget(cap))
+        truncated = truncated or cut
+    return {"stdout": stdout, "stderr": stderr, "error": error, "truncated": truncated, "memory": memory}
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        chunk = _read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv(fd: int) -> dict[str, Any] | None:
+    header = _read_exact(fd, _FRAME.size)
+    if header is None:
+        return None
+    payload = _read_exact(fd, _FRAME.unpack(header)[0])
+    return None if payload is None else _decode(payload.decode("utf-8"))
+
+
+def _send(fd: int, message: dict[str, Any]) -> None:
+    # ensure_ascii=False leaves lone surrogates (print("\ud800")) raw; "replace" turns them into "?".
+    data = _encode(message).encode("utf-8", "replace")
+    view = memoryview(_FRAME.pack(len(data)) + data)
+    while view:
+        view = view[_write(fd, view) :]
+
+
+def _apply_limits(memory_mb: int | None, fsize: int, nofile: int) -> None:
+    # Set here rather than in a preexec_fn: preexec_fn is unsafe in a threaded parent such as a trainer.
+    import resource
+
+    def lower(kind: int, value: int) -> None:
+        _, hard = resource.getrlimit(kind)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(kind, (value, value))
+
+    lower(resource.RLIMIT_CORE, 0)
+    lower(resource.RLIMIT_FSIZE, fsize)
+    lower(resource.RLIMIT_NOFILE, nofile)
+    if memory_mb is not None:
+        lower(resource.RLIMIT_AS, memory_mb * 1024 * 1024)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # A worker spinning in a cell never reads the EOF of a dead parent; the kernel kills it instead.
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _preload(names: list[str], namespace: dict[str, Any]) -> list[str]:
+    warnings = []
+    for name in names:
+        try:
+            namespace[name.partition(".")[0]] = __import__(name)  # binds like `import name` would
+        except BaseException as exc:
+            warnings.append(f"preload of {name!r} failed: {type(exc).__name__}: {exc}"[:500])
+    return warnings
+
+
+def main(argv: list[str]) -> None:
+    """Serve cells until the parent closes the request pipe."""
+    req_fd, rep_fd, mirror_fd = int(argv[1]), int(argv[2]), int(argv[3])
+    config = json.loads(argv[4])
+    for fd in (req_fd, rep_fd):
+        os.set_inheritable(fd, False)  # processes a cell starts must not hold the protocol pipes
+    _die_with_parent(config["parent_pid"])
+    _apply_limits(config["memory_mb"], config["fsize"], config["nofile"])
+    cap = config["max_output_chars"]
+    mirror = None
+    if mirror_fd >= 0:
+        mirror = Mirror(mirror_fd, cap)
+        os.close(mirror_fd)  # the mapping keeps its own reference
+    # A fresh __main__ for the cells, as in a notebook: the worker's own globals stay out of their way.
+    module = types.ModuleType("__main__")
+    module.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = module
+    sys.argv = [""]
+    sys.path.insert(0, "")  # the scratch directory, so a cell can import a module it wrote
+    out, err = Capture(), Capture()
+    sys.stdout, sys.stderr = out, err
+    warnings = _preload(config["preload"], module.__dict__)
+    _send(rep_fd, {"seq": 0, "ready": True, "warnings": warnings})
+    number = 0
+    while True:
+        request = _recv(req_fd)
+        if request is None:  # the parent closed the session or is gone
+            return
+        number += 1
+        reply = run_cell(request["code"], module.__dict__, number, out, err, cap, mirror)
+        reply["seq"] = request["seq"]
+        _send(rep_fd, reply)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

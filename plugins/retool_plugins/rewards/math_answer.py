@@ -1,0 +1,330 @@
+"""The paper's outcome reward: +1 if the model's final ``\\boxed{}`` answer equals the ground truth, else -1.
+
+Equivalence is decided by math-verify (``\\frac{1}{2}``, ``0.5`` and ``1/2`` are one answer). Its own time
+limits use ``SIGALRM``, which only works in a process's main thread, and a trainer scores rewards from any
+thread; so the checks run in worker processes that this module starts and kills when a check overruns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from retool.reward import Reward
+from retool.types import Problem, RewardOutput, Trajectory
+
+# Opening ``\boxed{`` / ``\fbox{`` (a space may precede the brace), an escaped character (so ``\{``, ``\}``
+# and ``\\`` never count as braces), or a bare brace.
+_TOKENS = re.compile(r"(?P<box>\\(?:boxed|fbox)\s*\{)|(?P<esc>\\.)|(?P<open>\{)|(?P<close>\})", re.S)
+_SPACE = re.compile(r"\s*")
+# Longer "answers" are junk (a run-away generation); parsing them would only burn the time limit.
+_MAX_ANSWER_CHARS = 10_000
+# A worker imports math-verify and sympy before it reports ready (0.3 s when idle; far longer under load).
+_STARTUP_TIMEOUT_S = 120.0
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last closed ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, stripped, or ``None``.
+
+    Braces are matched in one linear pass (escaped ``\\{`` and ``\\}`` do not count); an unclosed
+    ``\\boxed{`` is ignored, and ``\\boxed{\\boxed{x}}`` gives ``x``.
+    """
+    stack: list[tuple[int, int]] = []  # per open brace: (box start, content start), or (-1, -1) if no box
+    boxes: dict[int, tuple[int, int]] = {}  # closing-brace index -> (box start, content start) of each box
+    last: tuple[int, int] | None = None  # content span of the box that closed last
+    for match in _TOKENS.finditer(text):
+        kind = match.lastgroup
+        if kind == "box" or kind == "open":
+            stack.append((match.start(), match.end()) if kind == "box" else (-1, -1))
+        elif kind == "close" and stack:  # a stray "}" closes nothing
+            opener, start = stack.pop()
+            if opener >= 0:
+                boxes[match.start()] = (opener, start)
+                last = (start, match.start())
+    while last is not None:  # a box whose whole content is another box: answer with the inner one
+        first, close = _SPACE.match(text, *last).end(), last[1] - 1
+        while close > first and text[close].isspace():
+            close -= 1
+        inner = boxes.get(close)
+        if inner is None or inner[0] != first:
+            break
+        last = (inner[1], close)
+    return None if last is None else text[last[0] : last[1]].strip()
+
+
+def extract_boxed_answer(text: str) -> str | None:
+    """The model's final answer: the last boxed content inside the last ``<answer>`` block, else anywhere.
+
+    Args:
+        text: What the model wrote (``Trajectory.model_text``); any string, including garbage.
+
+    Returns:
+        The boxed content (without ``\\boxed{}``), or ``None`` when there is no closed box.
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    opening = text.rfind("<answer>")
+    if opening != -1:
+        body = opening + len("<answer>")
+        closing = text.find("</answer>", body)
+        found = last_boxed(text[body : closing if closing != -1 else len(text)])
+        if found is not None:
+            return found
+    return last_boxed(text)
+
+
+def _parse(answer: str) -> list:
+    from math_verify import parse
+
+    # Wrapping plain text in \boxed{} lets math-verify read bare numbers and LaTeX alike; the timeout is ours.
+    for candidate in (f"\\boxed{{{answer}}}", f"${answer}$", answer):
+        parsed = parse(candidate, parsing_timeout=None)
+        if parsed:
+            return parsed
+    return []
+
+
+def check_equivalent(gold: str, prediction: str) -> bool:
+    """Whether ``prediction`` is mathematically equivalent to ``gold`` (both plain text or LaTeX).
+
+    Runs without a time limit: :class:`MathAnswerReward` calls it in a worker process that it can kill.
+    """
+    from math_verify import verify
+
+    gold_parsed, pred_parsed = _parse(gold), _parse(prediction)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+# Workers are fresh interpreters: not forked (forking a trainer that runs threads can deadlock the child), and
+# not multiprocessing's spawn (it re-imports the parent's main script, e.g. the whole trainer CLI, in each one).
+# They load retool's submodules without retool/__init__.py, which imports torch and lightning (3 s, 300 MB each);
+# so a check_fn's module must import from retool's submodules (``retool.types``), not from ``retool``.
+_WORKER_CODE = """
+import importlib.util, json, sys, types
+sys.path[:] = json.loads(sys.argv[2])
+retool = types.ModuleType("retool")
+retool.__path__ = list(importlib.util.find_spec("retool").submodule_search_locations)
+sys.modules["retool"] = retool
+from multiprocessing.connection import Connection
+from retool_plugins.rewards.math_answer import _worker_main
+_worker_main(Connection(int(sys.argv[1])))
+"""
+
+
+def _worker_main(conn: Connection) -> None:
+    """Worker loop: receive ``(check_fn, [(key, gold, prediction), ...])``, send ``(key, ok)`` per item."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops the workers
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # the "timeout is disabled" warning is expected
+    with contextlib.suppress(Exception):  # warm up (imports, grammar) so the first real check is not charged for it
+        check_equivalent("\\frac{1}{2}", "0.5")
+    conn.send(("ready", True))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the trainer is gone
+            return
+        except Exception as error:  # e.g. a check_fn the worker cannot import
+            conn.send(("error", repr(error)))
+            continue
+        if message is None:
+            return
+        check_fn, items = message
+        for key, gold, prediction in items:
+            try:
+                ok = bool(check_fn(gold, prediction))
+            except Exception:  # math-verify on garbage: an answer that cannot be checked is wrong
+                ok = False
+            conn.send((key, ok))
+
+
+class _Worker:
+    """One checker process and the parent's end of its socket."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_CODE, str(theirs.fileno()), json.dumps(sys.path)],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        self.conn = Connection(ours.detach())
+        self.started = 0.0  # when the item it is working on started (parent's clock)
+
+    def wait_ready(self) -> None:
+        try:
+            ready = self.conn.poll(_STARTUP_TIMEOUT_S) and self.conn.recv()
+        except (EOFError, OSError):  # it exited
+            ready = None
+        if not ready:
+            self.kill()
+            raise RuntimeError(
+                f"a math-verify worker did not start within {_STARTUP_TIMEOUT_S:.0f} s (exit code "
+                f"{self.process.returncode}; its error, if any, is printed above); "
+                "`python -c 'import retool_plugins.rewards.math_answer'` must work"
+            )
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.conn.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # already gone
+            self.conn.send(None)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # busy with a check that will not end: killed
+            self.process.wait(2)
+        self.kill()
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    while workers:
+        workers.pop().stop()
+
+
+class MathAnswerReward(Reward):
+    """Scores ``correct`` if the model's final ``\\boxed{}`` answer equals the problem's answer, else ``incorrect``.
+
+    Reads ``Trajectory.model_text`` only, so a box printed by the interpreter never counts. The answer is the
+    last ``\\boxed{}`` (or ``\\fbox{}``) inside the last ``<answer>...</answer>`` block, else the last one
+    anywhere; no box, or a boxed text over 10,000 characters, scores ``incorrect``. Components: ``correct``,
+    ``has_answer`` (a box was found) and ``timed_out``, each 0 or 1.
+
+    Checks run in ``workers`` processes started on first use and reused; a check that overruns
+    ``timeout_s`` scores ``incorrect`` and its process is replaced. Call :meth:`close` to stop them early
+    (they also stop at interpreter exit).
+
+    Args:
+        correct: Reward of an answer equivalent to the ground truth (paper: 1).
+        incorrect: Reward of a wrong, missing or unverifiable answer (paper: -1).
+        timeout_s: Time limit of one equivalence check, in seconds.
+        workers: Checker processes; more score a large batch faster at the cost of one CPU core each.
+    """
+
+    # The function the workers call; a subclass may swap it for a module-level ``(gold, prediction) -> bool``
+    # (it is sent to the worker processes by reference, so it must be importable there).
+    check_fn: Callable[[str, str], bool] = staticmethod(check_equivalent)
+
+    def __init__(self, correct: float = 1.0, incorrect: float = -1.0, timeout_s: float = 5.0, workers: int = 1) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.correct = correct
+        self.incorrect = incorrect
+        self.timeout_s = timeout_s
+        self.workers = workers
+        self._setup()
+
+    def _setup(self) -> None:
+        self._pool: list[_Worker] = []
+        self._lock = threading.Lock()  # one batch at a time talks to the pipes
+        self._finalizer = weakref.finalize(self, _stop_all, self._pool)  # also runs at interpreter exit
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Processes, pipes and locks do not pickle (checkpoints save hyperparameters): copies start their own.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pool", "_lock", "_finalizer")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def close(self) -> None:
+        """Stop the worker processes (the next call starts new ones)."""
+        with self._lock:
+            _stop_all(self._pool)
+
+    def __call__(self, trajectories: Sequence[Trajectory], problems: Sequence[Problem]) -> RewardOutput:
+        if len(trajectories) != len(problems):
+            raise ValueError(
+                f"got {len(trajectories)} trajectories for {len(problems)} problems; pass problems[i] for "
+                "trajectories[i] (repeat each problem once per trajectory of its group)"
+            )
+        answers = [extract_boxed_answer(t.model_text) for t in trajectories]
+        keys = [(p.answer, a) for p, a in zip(problems, answers, strict=True)]
+        # Identical (gold, prediction) pairs are common within a group: check each pair once.
+        pairs = sorted({key for key in keys if key[1] is not None and len(key[1]) <= _MAX_ANSWER_CHARS})
+        verdicts, timed_out = self._check(pairs)
+        correct = [verdicts.get(key, False) for key in keys]
+        return RewardOutput(
+            rewards=[self.correct if ok else self.incorrect for ok in correct],
+            components={
+                "correct": [float(ok) for ok in correct],
+                "has_answer": [float(a is not None) for a in answers],
+                "timed_out": [float(key in timed_out) for key in keys],
+            },
+        )
+
+    def _check(self, pairs: list[tuple[str, str]]) -> tuple[dict[tuple[str, str], bool], set[tuple[str, str]]]:
+        """Check ``(gold, prediction)`` pairs across the workers; returns verdicts and the pairs that timed out."""
+        verdicts: dict[int, bool] = {}
+        timed_out: set[int] = set()
+        with self._lock:
+            try:
+                if pairs and not self._pool:
+                    self._pool.extend(_Worker() for _ in range(self.workers))  # start all, then wait: in parallel
+                    for worker in self._pool:
+                        worker.wait_ready()
+                n = len(self._pool)
+                # Each worker gets its share at once and answers item by item, in order; so the item it is on
+                # started when it answered the previous one, which is what the time limit is measured from.
+                queues = [deque(range(i, len(pairs), n)) for i in range(n)]
+                for i in range(n):
+                    self._send(i, queues[i], pairs)
+                while any(queues):
+                    busy = [i for i in range(n) if queues[i]]
+                    deadline = min(self._pool[i].started for i in busy) + self.timeout_s
+                    ready = wait([self._pool[i].conn for i in busy], timeout=max(0.0, deadline - time.monotonic()))
+                    for i in busy:
+                        worker, queue = self._pool[i], queues[i]
+                        if worker.conn in ready:
+                            try:
+                                index, ok = worker.conn.recv()
+                            except (EOFError, OSError):  # it died (crash, out of memory): that check failed
+                                verdicts[queue.popleft()] = False
+                                self._replace(i, queue, pairs)
+                                continue
+                            if index == "error":
+                                raise RuntimeError(
+                                    f"a math-verify worker could not load check_fn ({ok}); it must be a "
+                                    "module-level function whose module imports in a fresh process"
+                                )
+                            verdicts[queue.popleft()] = ok
+                            worker.started = time.monotonic()
+                        elif time.monotonic() - worker.started >= self.timeout_s and not worker.conn.poll():
+                            timed_out.add(queue[0])
+                            verdicts[queue.popleft()] = False
+                            self._replace(i, queue, pairs)
+            except BaseException:
+                # Workers may still owe answers to this batch; they must not be read as the next batch's.
+                while self._pool:
+                    self._pool.pop().kill()
+                raise
+        return {pairs[i]: ok for i, ok in verdicts.items()}, {pairs[i] for i in timed_out}
+
+    def _send(self, i: int, queue: deque[int], pairs: list[tuple[str, str]]) -> None:
+        if queue:
+            self._pool[i].conn.send((self.check_fn, [(j, *pairs[j]) for j in queue]))
+            self._pool[i].started = time.monotonic()
+
+    def _replace(self, i: int, queue: deque[int], pairs: list[tuple[str, str]]) -> None:
+        """Kill worker ``i`` (stuck or dead) and hand the rest of its queue to a fresh one."""
+        self._pool[i].kill()
+        self._pool[i] = _Worker()
+        self._pool[i].wait_ready()
+        self._send(i, queue, pairs)

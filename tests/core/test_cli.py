@@ -1,0 +1,150 @@
+"""The retool command: errors that name the fix (before any model loads), and a full run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retool.cli import main
+
+TINY_RECIPE = {
+    "seed_everything": 1,
+    "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 1, "enable_checkpointing": False},
+    "algorithm": {
+        "class_path": "GRPO",
+        "init_args": {"group_size": 2, "lr": 1e-3, "epochs": 2, "mini_batch_size": 2, "micro_batch_size": 1},
+    },
+    "rollout": {
+        "class_path": "retool.testing.ScriptedRollout",
+        "init_args": {
+            "script": [
+                "Compute.\n<code>\n```python\nx = 6 * 7\nprint(x)\n```\n</code>\n<answer>\\boxed{42}</answer>",
+                "Compute.\n<code>\n```python\nx = 6 * 7\nprint(x)\n```\n</code>\n<answer>\\boxed{41}</answer>",
+            ],
+            "max_new_tokens": 64,
+        },
+    },
+    "executor": {"class_path": "LocalSandbox", "init_args": {"timeout_s": 5}},
+    "reward": {"class_path": "MathAnswerReward"},
+    "data": {"class_path": "JsonlProblems", "init_args": {"path": "PROBLEMS", "batch_size": 2}},
+}
+
+
+@pytest.fixture(autouse=True)
+def problems_file(tmp_path: Path) -> None:
+    """Problems whose answer is 42, so that one of the two scripted responses is right and one wrong."""
+    path = tmp_path / "problems.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": f"What is 6*7 ({i})?", "answer": 42}) + "\n" for i in range(4))
+    )
+    TINY_RECIPE["data"]["init_args"]["path"] = str(path)
+
+
+def _write(tmp_path: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return path
+
+
+def _fails(args: list[str], capsys: pytest.CaptureFixture[str], *expected: str) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def test_unknown_class_names_the_nearest_match_and_the_list(tmp_path: Path, capsys) -> None:
+    recipe = {**TINY_RECIPE, "executor": {"class_path": "LocalSandbx"}}
+    _fails(
+        ["fit", "--recipe", str(_write(tmp_path, recipe))],
+        capsys,
+        "unknown executor 'LocalSandbx'",
+        "did you mean 'LocalSandbox'",
+        "available: LocalSandbox",
+    )
+
+
+def test_unknown_class_on_the_command_line(tmp_path: Path, capsys) -> None:
+    path = str(_write(tmp_path, TINY_RECIPE))
+    _fails(["fit", "--recipe", path, "--algorithm", "GRPPO"], capsys, "unknown algorithm 'GRPPO'", "'GRPO'")
+
+
+def test_missing_recipe_file(tmp_path: Path, capsys) -> None:
+    _write(tmp_path, TINY_RECIPE, "quickstart.yaml")
+    _fails(["fit", "--recipe", str(tmp_path / "quikstart.yaml")], capsys, "does not exist", "quickstart.yaml")
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path: Path, capsys) -> None:
+    path = _write(tmp_path, "trainer:\n  max_steps: 2\nalgorithm: {class_path: GRPO\nrollout: x\n")
+    _fails(["fit", "--recipe", str(path)], capsys, "not valid YAML", "line 4")
+
+
+def test_wrong_type_and_unknown_key(tmp_path: Path, capsys) -> None:
+    path = str(_write(tmp_path, TINY_RECIPE))
+    _fails(["fit", "--recipe", path, "--algorithm.init_args.group_size", "many"], capsys, "group_size")
+    recipe = {**TINY_RECIPE, "algorithm": {"class_path": "GRPO", "init_args": {"grup_size": 4}}}
+    _fails(["fit", "--recipe", str(_write(tmp_path, recipe, "r2.yaml"))], capsys, "grup_size")
+    _fails(
+        ["fit", "--recipe", str(_write(tmp_path, {**TINY_RECIPE, "trainr": {}}, "r3.yaml"))],
+        capsys,
+        "unknown recipe section 'trainr'",
+        "did you mean 'trainer'",
+    )
+
+
+def test_invalid_value_caught_by_a_constructor(tmp_path: Path, capsys) -> None:
+    path = str(_write(tmp_path, TINY_RECIPE))
+    _fails(["fit", "--recipe", path, "--algorithm.init_args.group_size", "1"], capsys, "group_size >= 2")
+
+
+def test_print_config_resolves_overrides(tmp_path: Path, capsys) -> None:
+    path = str(_write(tmp_path, TINY_RECIPE))
+    assert main(["fit", "--recipe", path, "--algorithm.init_args.group_size", "8", "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["algorithm"]["init_args"]["group_size"] == 8
+    assert printed["executor"]["class_path"].endswith("LocalSandbox")
+    assert "policy" not in printed["algorithm"]["init_args"]  # injected by the core, not a user key
+
+
+def test_plugins_command_lists_kinds(capsys) -> None:
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for text in ("executor", "LocalSandbox", "algorithm", "GRPO", "retool_plugins.rollout.hf.HFRollout"):
+        assert text in out
+
+
+def test_fit_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    path = str(_write(tmp_path, TINY_RECIPE))
+    code = main(["fit", "--recipe", path, "--policy.name_or_path", str(tiny_model_dir), "--run_dir", str(run_dir)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "run directory" in out and str(run_dir) in out
+
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert saved["policy"]["name_or_path"] == str(tiny_model_dir) and saved["seed_everything"] == 1
+    assert "torch" in json.loads((run_dir / "versions.json").read_text())
+    assert (run_dir / "seed.txt").read_text().strip() == "1"
+
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]  # global_step counts RL steps, not optimizer steps
+    for s in steps:
+        assert s["train/optimizer_steps"] == 4  # 2 epochs x (4 trajectories / mini-batch 2)
+        assert s["tools/calls"] == 1 and s["tools/cell_ok"] == 1  # the scripted cell really ran
+        assert s["reward/mean"] == 0 and s["reward/correct"] == 0.5  # 42 right, 41 wrong: a learning signal
+    samples = [json.loads(line) for line in (run_dir / "trajectories.jsonl").read_text().splitlines()]
+    assert samples and "<interpreter>\n42\n</interpreter>" in samples[0]["response"]
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = any((a - b).abs().max() > 0 for a, b in zip(exported.parameters(), original.parameters()))
+    assert changed, "two GRPO steps with lr 1e-3 left every weight unchanged"

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import importlib.metadata as md
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import retool_plugins
+from retool import plugins
+from retool.plugins import PluginError
+
+
+def _entry_points() -> dict[str, str]:
+    return {ep.name: ep.value for ep in md.entry_points(group=plugins.ENTRY_POINT_GROUP)}
+
+
+def test_every_builtin_plugin_module_has_an_entry_point() -> None:
+    root = Path(retool_plugins.__file__).parent
+    modules = {
+        ".".join(("retool_plugins", *path.relative_to(root).with_suffix("").parts))
+        for path in root.rglob("*.py")
+        if not path.name.startswith("_")
+    }
+    registered = {value.split(":")[0] for value in _entry_points().values()}
+    assert modules, "no built-in plugin modules found"
+    assert modules == registered
+
+
+def test_discover_finds_each_kind_with_package_and_version() -> None:
+    found = {p.name: p for p in plugins.discover()}
+    expected = {
+        "GRPO": "algorithm",
+        "HFRollout": "rollout",
+        "LocalSandbox": "executor",
+        "MathAnswerReward": "reward",
+        "ArithmeticProblems": "data",
+        "JsonlProblems": "data",
+    }
+    for name, kind in expected.items():
+        assert found[name].kind == kind
+        assert found[name].package == "retool" and found[name].version == md.version("retool")
+
+
+def test_block_and_disable_autoload(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "GRPO" not in {p.name for p in plugins.discover(blocked=["GRPO"])}
+    monkeypatch.setenv("RETOOL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert plugins.discover() == []
+
+
+def test_retool_plugins_env_loads_a_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            from retool import Reward, RewardOutput
+
+            class LengthReward(Reward):
+                def __call__(self, trajectories, problems):
+                    return RewardOutput([float(len(t.model_text)) for t in trajectories])
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("RETOOL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("RETOOL_PLUGINS", "my_rewards")
+    found = plugins.discover()
+    assert [(p.kind, p.name, p.package) for p in found] == [
+        (
+            "reward",
+            "LengthReward",
+            "my_rewards",
+        )
+    ]
+    monkeypatch.setenv("RETOOL_PLUGINS", "no_such_module_xyz")
+    with pytest.raises(PluginError, match="no_such_module_xyz"):
+        plugins.discover()
+
+
+def test_check_class_path_names_the_fix() -> None:
+    found = plugins.discover()
+    plugins.check_class_path("algorithm", "GRPO", found)
+    plugins.check_class_path("algorithm", "retool_plugins.algorithms.grpo.GRPO", found)
+    with pytest.raises(PluginError, match=r"unknown executor 'LocalSandbx'; did you mean 'LocalSandbox'\?"):
+        plugins.check_class_path("executor", "LocalSandbx", found)
+    with pytest.raises(PluginError, match="cannot be imported"):
+        plugins.check_class_path("reward", "nowhere.module.Reward", found)
+    with pytest.raises(PluginError, match="not a subclass"):
+        plugins.check_class_path("reward", "retool_plugins.algorithms.grpo.GRPO", found)
