@@ -100,8 +100,10 @@ class PolicyBatch:
 
 
 class Algorithm(L.LightningModule, ABC):
-    """Base class of RL algorithms. The policy, rollout backend, executor and reward are injected by the
-    recipe's other sections; the arguments below are this section's own.
+    """Base class of RL algorithms (one training_step is one RL step).
+
+    The policy, rollout backend, executor and reward are injected from the recipe's other sections; the
+    arguments below are this section's own.
 
     Args:
         group_size: Trajectories rolled out per problem.
@@ -179,11 +181,27 @@ class Algorithm(L.LightningModule, ABC):
         (divided by the same count by the caller).
         """
 
+    def has_signal(self, batch: PolicyBatch) -> bool:
+        """Whether an update on ``batch`` can change the policy; ``False`` skips the update's passes."""
+        assert batch.advantages is not None
+        return bool(batch.advantages.abs().sum() > 0)
+
     def needs_reference(self) -> bool:
         """Whether a frozen copy of the initial policy is kept (for a KL term)."""
         return False
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # Runs before configure_model: a recipe that lacks a section fails here, before any weights load.
+        if self.rollout is None or self.reward is None:
+            missing = [name for name in ("rollout", "reward") if getattr(self, name) is None]
+            raise ValueError(f"{type(self).__name__} needs the recipe section(s) {', '.join(missing)}")
+        if self.rollout.tools and self.executor is None:
+            raise ValueError(
+                "the rollout runs code (tools: true) but the recipe has no executor section; add one "
+                "(e.g. executor: {class_path: LocalSandbox}) or set rollout.init_args.tools: false"
+            )
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -246,6 +264,18 @@ class Algorithm(L.LightningModule, ABC):
         batch = PolicyBatch.from_trajectories(trajectories, scores.rewards, pad)
         batch = batch.select(torch.arange(batch.size))  # a copy we may fill in
         batch.advantages = self.advantages(batch)
+        optimizer = self.optimizers()
+        if not self.has_signal(batch):
+            # Every advantage is zero (e.g. all answers wrong): the gradient would be zero. Skip the passes and
+            # step with no gradients (AdamW leaves a parameter without .grad untouched, so momentum cannot
+            # move the weights), which still counts the RL step.
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            return {
+                "train/skipped": 1.0,
+                "train/optimizer_steps": 0.0,
+                "train/lr": float(optimizer.param_groups[0]["lr"]),
+            }
         n = batch.size
         mini = min(self.mini_batch_size or n, n)
         on_policy = self.epochs == 1 and mini == n
@@ -254,7 +284,6 @@ class Algorithm(L.LightningModule, ABC):
         if self.ref_model is not None:
             batch.ref_logprobs = self._logprobs_no_grad(self.ref_model, batch)
 
-        optimizer = self.optimizers()
         sums: dict[str, float] = {}
         tokens_seen = 0.0
         grad_norms: list[float] = []
@@ -280,6 +309,7 @@ class Algorithm(L.LightningModule, ABC):
         stats["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         stats["train/optimizer_steps"] = float(len(updates))
         stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
+        stats["train/skipped"] = 0.0
         if batch.sampler_logprobs is not None and not on_policy:
             assert batch.old_logprobs is not None
             diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask

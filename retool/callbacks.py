@@ -125,8 +125,9 @@ class RunArtifacts(Callback):
 
     Files: ``metrics.jsonl`` (every logged number, one line per step), ``trajectories.jsonl`` (a sample of
     trajectories per step: prompt, the text with code and interpreter output, reward), and ``policy/`` (the
-    final policy in Hugging Face format). If the run is interrupted (Ctrl-C) or fails, the policy of the last
-    finished step is exported to ``policy-interrupted/`` so no finished work is lost.
+    final policy in Hugging Face format). If the run is interrupted (Ctrl-C) or fails after at least one step,
+    the policy as it is at that moment (possibly partway through a step's updates) is exported to
+    ``policy-interrupted/`` so no finished work is lost.
     """
 
     def __init__(self, run_dir: str | Path) -> None:

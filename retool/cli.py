@@ -183,6 +183,13 @@ def _clean_jsonargparse_error(message: str) -> str:
     return text[:1500]
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's message (jsonargparse wraps a constructor's ValueError in its own errors)."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return _clean_jsonargparse_error(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))
+
+
 def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
     from jsonargparse import ArgumentError
 
@@ -229,15 +236,15 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
     console = Console()
     try:
         init = parser.instantiate(cfg)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"invalid recipe value: {exc}") from None
+    except Exception as exc:  # a plugin's __init__ rejected a value: show its own message, not the wrapper's
+        raise ConfigError(f"invalid recipe value: {_root_cause(exc)}") from None
     run_dir = Path(cfg.run_dir or Path("runs") / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = cfg.clone()
     for key in ("print_config", "recipe"):
         if key in saved:
             del saved[key]
-    saved.run_dir = str(run_dir)
+    saved.run_dir = None  # a rerun of the saved recipe must not write into this run's directory
     (run_dir / "recipe.yaml").write_text(parser.dump(saved), encoding="utf-8")
     (run_dir / "versions.json").write_text(json.dumps(_versions(found), indent=2) + "\n", encoding="utf-8")
     (run_dir / "seed.txt").write_text(f"{cfg.seed_everything}\n", encoding="utf-8")
@@ -268,6 +275,10 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
     except PolicyLoadError as exc:
         _error(str(exc))
         return 1
+    except SystemExit:
+        # Lightning shuts down gracefully on Ctrl-C, then exits; finish our report before we do.
+        if not trainer.interrupted:
+            raise
     if table.history:
         console.print(table.summary())
     if trainer.interrupted:

@@ -9,9 +9,10 @@ cell.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -129,6 +130,16 @@ class RolloutBackend(ABC):
     @abstractmethod
     async def generate(self, request: GenerationRequest) -> Generation:
         """Continue ``request.token_ids`` until EOS, ``request.stop`` or ``request.max_new_tokens``."""
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Wrap the backend's model compute in this, so that its time is reported as generation time (the
+        rest of a rollout's wall time is reported as waiting for tools)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._busy_s += time.perf_counter() - start
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:  # noqa: B027  # optional hook
         """Receive the trainer's new weights after an update. Backends that share the module need nothing."""

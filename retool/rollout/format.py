@@ -62,8 +62,12 @@ class ReToolFormat(ToolFormat):
     backticks, so a small model that has never seen the tags calls the interpreter from its first step.
 
     Args:
-        instructions: The tool instructions put before the question (``{question}`` marks where it goes).
-            The default tells the model how to write code and the final answer.
+        instructions: The tool instructions put before the question (``{question}`` marks where it goes;
+            ``{example}`` where the worked example goes). The default tells the model how to write code
+            and the final answer.
+        example: A worked example in the format, shown before the question; ``None`` for none. Measured
+            with SmolLM2-135M-Instruct on the quickstart's problems: without it 0 of 32 answers had a
+            ``\\boxed{}`` answer; with it 22 of 32 did and 7 were right.
         system_prompt: An optional system message; ``None`` keeps the chat template's default.
         empty_output: What the interpreter says when a cell printed nothing and raised nothing.
     """
@@ -72,18 +76,31 @@ class ReToolFormat(ToolFormat):
         "Solve the math problem below. You can run Python code to compute exact results: write a complete "
         "script between <code> and </code> in a ```python code block, and use print() to show values. The "
         "printed output comes back to you between <interpreter> and </interpreter>. Finish with the final "
-        "answer as <answer>\\boxed{{your answer}}</answer>.\n\nProblem: {question}"
+        "answer as <answer>\\boxed{{your answer}}</answer>.\n\n{example}Problem: {question}"
+    )
+    DEFAULT_EXAMPLE = (
+        "Example:\nProblem: What is 25 * 31?\n<code>\n```python\nprint(25 * 31)\n```\n</code>\n"
+        "<interpreter>\n775\n</interpreter>\n<answer>\\boxed{775}</answer>\n\n"
     )
 
     def __init__(
         self,
         instructions: str = DEFAULT_INSTRUCTIONS,
+        example: str | None = DEFAULT_EXAMPLE,
         system_prompt: str | None = None,
         empty_output: str = "(no output: use print() to show a value)",
     ) -> None:
         if "{question}" not in instructions:
             raise ValueError("ReToolFormat instructions must contain the placeholder {question}")
+        try:  # fail at construction (before any model loads), not at the first rollout
+            instructions.format(question="", example="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"ReToolFormat instructions may only use the placeholders {{question}} and {{example}} "
+                f"(write a literal brace as {{{{ or }}}}): {exc!r}"
+            ) from None
         self.instructions = instructions
+        self.example = example
         self.system_prompt = system_prompt
         self.empty_output = empty_output
 
@@ -91,7 +108,8 @@ class ReToolFormat(ToolFormat):
         messages: list[dict[str, str]] = []
         if self.system_prompt is not None:
             messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": self.instructions.format(question=problem.prompt)})
+        content = self.instructions.format(question=problem.prompt, example=self.example or "")
+        messages.append({"role": "user", "content": content})
         return messages
 
     def cell_closed(self, segment: str) -> bool:

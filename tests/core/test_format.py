@@ -59,3 +59,14 @@ def test_messages_put_the_question_in_the_instructions() -> None:
     assert "<code>" in messages[1]["content"] and "\\boxed" in messages[1]["content"]
     with pytest.raises(ValueError, match="question"):
         ReToolFormat(instructions="no placeholder")
+
+
+def test_example_is_optional_and_bad_placeholders_fail_early() -> None:
+    with_example = ReToolFormat().messages(Problem("p", "Q?", "1"))[-1]["content"]
+    assert "Example:" in with_example and with_example.index("Example:") < with_example.index("Problem: Q?")
+    without = ReToolFormat(example=None).messages(Problem("p", "Q?", "1"))[-1]["content"]
+    assert "Example:" not in without and without.endswith("Problem: Q?")
+    with pytest.raises(ValueError, match="placeholders"):
+        ReToolFormat(instructions="Answer {question} in {format}")
+    literal = ReToolFormat(instructions="Use {{braces}}: {question}", example=None)
+    assert literal.messages(Problem("p", "Q?", "1"))[-1]["content"] == "Use {braces}: Q?"

@@ -55,6 +55,10 @@ class GRPO(Algorithm):
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
 
+    def has_signal(self, batch: PolicyBatch) -> bool:
+        # The KL and entropy terms have gradients even when every advantage is zero.
+        return super().has_signal(batch) or self.kl_coef > 0 or self.entropy_coef != 0
+
     def advantages(self, batch: PolicyBatch) -> torch.Tensor:
         return (
             group_advantages(batch.rewards, self.group_size, self.scale_by_std, self.std_eps)[:, None]

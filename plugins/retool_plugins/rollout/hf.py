@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -131,12 +130,8 @@ class HFRollout(RolloutBackend):
     def _decode(self, requests: list[GenerationRequest]) -> list[Generation]:
         """Decode a batch to its end: left-padded prefill, then one token per step from the KV cache."""
         assert self.model is not None and self.tokenizer is not None
-        with self._decode_lock:
-            start = time.perf_counter()
-            try:
-                return self._decode_batch(requests)
-            finally:
-                self._busy_s += time.perf_counter() - start
+        with self._decode_lock, self.decoding():
+            return self._decode_batch(requests)
 
     def _decode_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
         from transformers import DynamicCache
