@@ -194,6 +194,10 @@ class Algorithm(L.LightningModule, ABC):
 
     def setup(self, stage: str) -> None:
         # Runs before configure_model: a recipe that lacks a section fails here, before any weights load.
+        self.check_components()
+
+    def check_components(self) -> None:
+        """Raise ``ValueError`` (naming the fix) unless every component this algorithm needs was given."""
         if self.rollout is None or self.reward is None:
             missing = [name for name in ("rollout", "reward") if getattr(self, name) is None]
             raise ValueError(f"{type(self).__name__} needs the recipe section(s) {', '.join(missing)}")

@@ -236,6 +236,7 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
     console = Console()
     try:
         init = parser.instantiate(cfg)
+        init.algorithm.check_components()
     except Exception as exc:  # a plugin's __init__ rejected a value: show its own message, not the wrapper's
         raise ConfigError(f"invalid recipe value: {_root_cause(exc)}") from None
     run_dir = Path(cfg.run_dir or Path("runs") / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -282,7 +283,7 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
     if table.history:
         console.print(table.summary())
     if trainer.interrupted:
-        where = f"; the last finished step's policy is in {artifacts.exported}" if artifacts.exported else ""
+        where = f"; the policy as it was is in {artifacts.exported}" if artifacts.exported else ""
         console.print(f"[yellow]interrupted after {trainer.global_step} steps{where}[/]")
         console.print(f"run directory: {run_dir}")
         return 130

@@ -102,6 +102,12 @@ def test_invalid_value_caught_by_a_constructor(tmp_path: Path, capsys) -> None:
     _fails(["fit", "--recipe", path, "--algorithm.init_args.group_size", "1"], capsys, "group_size >= 2")
 
 
+def test_missing_executor_fails_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    recipe = {k: v for k, v in TINY_RECIPE.items() if k != "executor"}
+    recipe["policy"] = {"name_or_path": str(tmp_path / "never-loaded")}  # loading it would fail differently
+    _fails(["fit", "--recipe", str(_write(tmp_path, recipe))], capsys, "no executor section", "tools: false")
+
+
 def test_print_config_resolves_overrides(tmp_path: Path, capsys) -> None:
     path = str(_write(tmp_path, TINY_RECIPE))
     assert main(["fit", "--recipe", path, "--algorithm.init_args.group_size", "8", "--print_config"]) == 0
@@ -148,3 +154,30 @@ def test_fit_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, ca
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     changed = any((a - b).abs().max() > 0 for a, b in zip(exported.parameters(), original.parameters()))
     assert changed, "two GRPO steps with lr 1e-3 left every weight unchanged"
+
+
+def test_ctrl_c_exports_the_policy_and_exits_130(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    recipe = {**TINY_RECIPE, "trainer": {**TINY_RECIPE["trainer"], "max_steps": 10_000}}
+    cmd = [sys.executable, "-m", "retool.cli", "fit", "--recipe", str(_write(tmp_path, recipe)),
+           "--policy.name_or_path", str(tiny_model_dir), "--run_dir", str(run_dir)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file():  # wait for a finished step
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "interrupted after" in out and "Traceback" not in out
+    assert (run_dir / "policy-interrupted" / "config.json").is_file()
