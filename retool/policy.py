@@ -73,11 +73,18 @@ def builtin_model_dir(name: str) -> Path:
     return target
 
 
+def _quiet_progress_bars() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor bars on every load and conversion are noise in a training log
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file into a safetensors folder (atomic: a crash leaves no half-written cache)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_progress_bars()
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise PolicyLoadError(f"reading GGUF weights needs the package {needed!r}: pip install {needed}")
@@ -164,9 +171,8 @@ class Policy:
     def load_model(self) -> Any:
         import torch
         from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise in a training log
+        _quiet_progress_bars()
 
         source = self.resolve()
         dtype = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)

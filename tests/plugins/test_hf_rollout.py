@@ -89,6 +89,21 @@ def test_sampling_is_reproducible_with_a_seed(model_and_tokenizer) -> None:
     assert sample(1) != sample(2)
 
 
+def test_a_trajectory_samples_the_same_alone_or_batched(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompt, other = tokenizer.encode("Per-trajectory seeds"), tokenizer.encode("A different, longer prompt here")
+
+    def sample(requests: list[GenerationRequest]) -> list[int]:
+        backend = HFRollout(temperature=1.0, max_new_tokens=16, seed=5)
+        backend.bind(model, tokenizer)
+        return _run(backend, requests)[0].token_ids
+
+    alone = sample([GenerationRequest(prompt, 16, request_id="traj-a")])
+    batched = sample([GenerationRequest(prompt, 16, request_id="traj-a"), GenerationRequest(other, 16, request_id="b")])
+    assert alone == batched
+    assert alone != sample([GenerationRequest(prompt, 16, request_id="traj-c")])
+
+
 def test_sample_next_filters() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     g = torch.Generator().manual_seed(0)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend
+from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
 from retool.rollout.format import ToolFormat
 
 
@@ -25,12 +28,17 @@ class _Pending:
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token of each row of ``logits`` (B, V); return the tokens and their log-probabilities.
 
     The log-probability is taken under the temperature-scaled distribution before top-k/top-p filtering,
-    which is the distribution the trainer recomputes.
+    which is the distribution the trainer recomputes. ``generator`` may be one generator per row, so that
+    a row's samples do not depend on which other rows share its batch.
     """
     logits = logits.float()
     if temperature == 0:
@@ -51,7 +59,10 @@ def sample_next(
         sorted_logits[drop] = float("-inf")
         filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(filtered, dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if isinstance(generator, Sequence):
+        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    else:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -92,8 +103,14 @@ class HFRollout(RolloutBackend):
         self._queue: list[_Pending] = []
         self._scheduler: asyncio.Task[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retool-decode")
-        self._generator = torch.Generator().manual_seed(seed)
+        # One generator per trajectory (keyed by request_id and seeded from it), so that a trajectory's
+        # samples depend on the seed and its own id, not on which trajectories it happened to be batched with.
+        self._generators: dict[str, torch.Generator] = {}
         self._decode_lock = threading.Lock()
+
+    def rollout(self, *args: Any, **kwargs: Any) -> RolloutResult:
+        self._generators.clear()  # request ids are per-rollout: drop the previous rollout's generators
+        return super().rollout(*args, **kwargs)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         if request.max_new_tokens <= 0:
@@ -156,6 +173,7 @@ class HFRollout(RolloutBackend):
         new_logprobs: list[list[float]] = [[] for _ in requests]
         reasons: list[str | None] = [None] * rows
         steps = max(r.max_new_tokens for r in requests)
+        generators = [self._generator_for(r.request_id) for r in requests]
         try:
             out = model(
                 input_ids=input_ids,
@@ -167,7 +185,7 @@ class HFRollout(RolloutBackend):
             )
             for _ in range(steps):
                 tokens, logprobs = sample_next(
-                    out.logits[:, -1, :], self.temperature, self.top_p, self.top_k, self._generator
+                    out.logits[:, -1, :], self.temperature, self.top_p, self.top_k, generators
                 )
                 tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
                 for i, r in enumerate(requests):
@@ -199,6 +217,12 @@ class HFRollout(RolloutBackend):
             Generation(t, lp, reason or "length")  # type: ignore[arg-type]
             for t, lp, reason in zip(new_tokens, new_logprobs, reasons)
         ]
+
+    def _generator_for(self, request_id: str) -> torch.Generator:
+        if request_id not in self._generators:
+            seed = zlib.crc32(f"{self.seed}:{request_id}".encode())
+            self._generators[request_id] = torch.Generator().manual_seed(seed)
+        return self._generators[request_id]
 
     def _stopped(self, request: GenerationRequest, token: int, ids: list[int]) -> bool:
         piece = self.tokenizer.decode([token], skip_special_tokens=False)
