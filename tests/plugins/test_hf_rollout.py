@@ -114,3 +114,51 @@ def test_sample_next_filters() -> None:
     draws = {int(sample_next(logits, 1.0, 0.9, 0, g)[0]) for _ in range(200)}
     # probabilities ~ .64/.24/.09/.03: tokens 3 and 2 hold .88 < .9, so 1 is kept too, and 0 is dropped
     assert draws == {1, 2, 3}
+
+
+def test_after_a_tool_call_only_the_new_tokens_are_prefilled(model_and_tokenizer) -> None:
+    """The continuation reuses the kept KV cache and still decodes exactly what a full recompute would."""
+    model, tokenizer = model_and_tokenizer
+    backend = HFRollout(temperature=0.0, max_new_tokens=40)
+    backend.bind(model, tokenizer)
+    backend._stopped = lambda request, token, ids: request.stop(tokenizer.decode(ids))  # type: ignore[method-assign]
+    seen_lengths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen_lengths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)  # fmt: skip
+    try:
+        prompt = tokenizer.encode("A prompt that leads to a tool call")
+        (first,) = _run(backend, [GenerationRequest(prompt, 40, stop=lambda text: len(text) >= 12, request_id="t")])
+        assert first.finish_reason == "stop"
+        feedback = tokenizer.encode("\n<interpreter>\n42\n</interpreter>\n")
+        context = prompt + first.token_ids + feedback
+        seen_lengths.clear()
+        (second,) = _run(backend, [GenerationRequest(context, 10, request_id="t")])
+    finally:
+        hook.remove()
+    # One prefill of the last generated token plus the interpreter tokens, then one token per step.
+    assert seen_lengths[0] == 1 + len(feedback)
+    assert set(seen_lengths[1:]) <= {1}
+    expected = _greedy_reference(model, context, 10)
+    eos = backend.eos_token_ids()
+    cut = next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))
+    assert second.token_ids == expected[:cut]
+
+
+def test_a_late_request_joins_the_running_batch(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    backend = HFRollout(temperature=0.0, max_new_tokens=30)
+    backend.bind(model, tokenizer)
+    early, late = tokenizer.encode("The early request is long enough"), tokenizer.encode("Late")
+
+    async def go():
+        first = asyncio.ensure_future(backend.generate(GenerationRequest(early, 30, request_id="a")))
+        await asyncio.sleep(0.05)  # the first is decoding by now
+        second = asyncio.ensure_future(backend.generate(GenerationRequest(late, 30, request_id="b")))
+        return await asyncio.gather(first, second)
+
+    results = asyncio.run(go())
+    eos = backend.eos_token_ids()
+    for prompt, result in zip((early, late), results):
+        expected = _greedy_reference(model, prompt, 30)
+        cut = next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))
+        assert result.token_ids == expected[:cut]

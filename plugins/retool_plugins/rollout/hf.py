@@ -1,30 +1,23 @@
 """HFRollout: decode with the training model itself, through Hugging Face transformers and its KV cache.
 
-Concurrent ``generate`` calls (one per live trajectory) are gathered into a batch and decoded together in
-a worker thread, so the event loop keeps running cells while the model decodes. This first version decodes
-each gathered batch to its end; trajectories whose cells finish meanwhile join the next batch.
+Every live trajectory's ``generate`` call joins one continuously batched decode loop (in its own thread,
+see ``_hf_engine``): a trajectory that returns from a code cell rejoins the batch at the next step while
+the others keep decoding, and only the interpreter's tokens are prefilled, on top of the KV cache its
+previous request left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
 from retool.rollout.format import ToolFormat
-
-
-@dataclass
-class _Pending:
-    request: GenerationRequest
-    future: asyncio.Future[Generation]
+from retool_plugins.rollout._hf_engine import DecodeEngine, EngineRequest
 
 
 def sample_next(
@@ -67,7 +60,7 @@ def sample_next(
 
 
 class HFRollout(RolloutBackend):
-    """Sample trajectories from the policy with a batched decode loop over its Hugging Face model.
+    """Sample trajectories from the policy with a continuously batched decode loop over its HF model.
 
     It shares the training module (no second copy of the weights), so new weights need no transfer.
 
@@ -77,11 +70,10 @@ class HFRollout(RolloutBackend):
         temperature: Sampling temperature; 0 decodes greedily.
         top_p: Nucleus sampling threshold (1.0 = off).
         top_k: Keep only the k most likely tokens (0 = off).
-        seed: Seed of the sampler's random generator.
+        seed: Seed of the sampler; each trajectory draws from its own generator seeded by this and its id.
         format: The text format of code cells and interpreter replies (default: the paper's tags).
         tools: ``False`` turns tools off (text-only RL baseline).
-        max_batch_size: Most sequences decoded together in one batch.
-        gather_s: How long the scheduler waits for more requests before it starts a batch.
+        max_batch_size: Most sequences decoded together; more wait for a free row.
     """
 
     def __init__(
@@ -95,128 +87,69 @@ class HFRollout(RolloutBackend):
         format: ToolFormat | None = None,
         tools: bool = True,
         max_batch_size: int = 32,
-        gather_s: float = 0.002,
     ) -> None:
         super().__init__(max_new_tokens, max_tool_calls, temperature, top_p, top_k, seed, format, tools)
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
-        self.gather_s = gather_s
-        self._queue: list[_Pending] = []
-        self._scheduler: asyncio.Task[None] | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retool-decode")
+        self._engine: DecodeEngine | None = None
         # One generator per trajectory (keyed by request_id and seeded from it), so that a trajectory's
         # samples depend on the seed and its own id, not on which trajectories it happened to be batched with.
         self._generators: dict[str, torch.Generator] = {}
-        self._decode_lock = threading.Lock()
+
+    def bind(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        super().bind(model, tokenizer)
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def rollout(self, *args: Any, **kwargs: Any) -> RolloutResult:
         self._generators.clear()  # request ids are per-rollout: drop the previous rollout's generators
-        return super().rollout(*args, **kwargs)
+        if self._engine is not None:
+            self._engine.forget()  # and the cache rows kept for their trajectories
+        assert self.model is not None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return super().rollout(*args, **kwargs)
+        finally:
+            self.model.train(was_training)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         if request.max_new_tokens <= 0:
             return Generation([], [], "length")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Generation] = loop.create_future()
-        self._queue.append(_Pending(request, future))
-        if self._scheduler is None or self._scheduler.done():
-            self._scheduler = loop.create_task(self._schedule())
+
+        def settle(result: Generation | None, error: BaseException | None = None) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        self._get_engine().submit(
+            EngineRequest(
+                request_id=request.request_id,
+                token_ids=list(request.token_ids),
+                max_new_tokens=request.max_new_tokens,
+                stopped=lambda token, ids: request.stop is not None and self._stopped(request, token, ids),
+                finish=lambda ids, lps, reason: loop.call_soon_threadsafe(settle, Generation(ids, lps, reason)),
+                fail=lambda exc: loop.call_soon_threadsafe(settle, None, exc),
+                generator=self._generator_for(request.request_id),
+                cancelled=future.done,
+            )
+        )
         return await future
 
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue:
-            await asyncio.sleep(self.gather_s)  # let trajectories that are about to ask join this batch
-            batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size :]
-            batch = [p for p in batch if not p.future.done()]  # drop cancelled requests
-            if not batch:
-                continue
-            try:
-                results = await loop.run_in_executor(self._pool, self._decode, [p.request for p in batch])
-            except BaseException as exc:  # surface decode errors to every waiting trajectory
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            for p, result in zip(batch, results):
-                if not p.future.done():
-                    p.future.set_result(result)
-
-    @torch.inference_mode()
-    def _decode(self, requests: list[GenerationRequest]) -> list[Generation]:
-        """Decode a batch to its end: left-padded prefill, then one token per step from the KV cache."""
-        assert self.model is not None and self.tokenizer is not None
-        with self._decode_lock, self.decoding():
-            return self._decode_batch(requests)
-
-    def _decode_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
-        from transformers import DynamicCache
-
-        model, tokenizer = self.model, self.tokenizer
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        eos = self.eos_token_ids()
-        rows = len(requests)
-        width = max(len(r.token_ids) for r in requests)
-        input_ids = torch.full((rows, width), pad, dtype=torch.long)
-        attention = torch.zeros((rows, width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            input_ids[i, width - len(r.token_ids) :] = torch.tensor(r.token_ids)
-            attention[i, width - len(r.token_ids) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        new_tokens: list[list[int]] = [[] for _ in requests]
-        new_logprobs: list[list[float]] = [[] for _ in requests]
-        reasons: list[str | None] = [None] * rows
-        steps = max(r.max_new_tokens for r in requests)
-        generators = [self._generator_for(r.request_id) for r in requests]
-        try:
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
+    def _get_engine(self) -> DecodeEngine:
+        if self._engine is None:
+            assert self.model is not None
+            self._engine = DecodeEngine(
+                self.model,
+                eos=self.eos_token_ids(),
+                sampler=lambda logits, gens: sample_next(logits, self.temperature, self.top_p, self.top_k, gens),
+                busy=self.decoding,
+                max_batch_size=self.max_batch_size,
             )
-            for _ in range(steps):
-                tokens, logprobs = sample_next(
-                    out.logits[:, -1, :], self.temperature, self.top_p, self.top_k, generators
-                )
-                tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
-                for i, r in enumerate(requests):
-                    if reasons[i] is not None:
-                        continue
-                    token = tokens_list[i]
-                    new_tokens[i].append(token)
-                    new_logprobs[i].append(logprobs_list[i])
-                    if token in eos:
-                        reasons[i] = "eos"
-                    elif r.stop is not None and self._stopped(r, token, new_tokens[i]):
-                        reasons[i] = "stop"
-                    elif len(new_tokens[i]) >= r.max_new_tokens:
-                        reasons[i] = "length"
-                if all(reason is not None for reason in reasons):
-                    break
-                attention = torch.cat([attention, attention.new_ones((rows, 1))], dim=1)
-                positions = positions[:, -1:] + 1
-                out = model(
-                    input_ids=tokens[:, None].to(device),
-                    attention_mask=attention,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-        finally:
-            model.train(was_training)
-        return [
-            Generation(t, lp, reason or "length")  # type: ignore[arg-type]
-            for t, lp, reason in zip(new_tokens, new_logprobs, reasons)
-        ]
+        return self._engine
 
     def _generator_for(self, request_id: str) -> torch.Generator:
         if request_id not in self._generators:
@@ -233,4 +166,6 @@ class HFRollout(RolloutBackend):
         return request.stop(self.tokenizer.decode(ids, skip_special_tokens=False))
 
     async def aclose(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
