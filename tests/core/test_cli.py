@@ -65,7 +65,8 @@ def test_unknown_class_names_the_nearest_match_and_the_list(tmp_path: Path, caps
         capsys,
         "unknown executor 'LocalSandbx'",
         "did you mean 'LocalSandbox'",
-        "available: LocalSandbox",
+        "available: ",
+        "LocalSandbox",
     )
 
 
