@@ -11,7 +11,15 @@ from retool.executor import Executor
 from retool.metrics import rollout_metrics
 from retool.policy import BUILTIN_MODELS, Policy, PolicyLoadError
 from retool.reward import Reward
-from retool.rollout import Generation, GenerationRequest, ReToolFormat, RolloutBackend, RolloutResult, ToolFormat
+from retool.rollout import (
+    Generation,
+    GenerationRequest,
+    ReToolFormat,
+    RolloutBackend,
+    RolloutResult,
+    TextOnlyFormat,
+    ToolFormat,
+)
 from retool.types import ExecutionResult, Problem, RewardOutput, ToolCall, Trajectory
 
 __version__ = "0.1.0"
@@ -33,6 +41,7 @@ __all__ = [
     "RewardOutput",
     "RolloutBackend",
     "RolloutResult",
+    "TextOnlyFormat",
     "ToolCall",
     "ToolFormat",
     "Trajectory",

@@ -301,6 +301,9 @@ class Algorithm(L.LightningModule, ABC):
             for micro in index.split(self.micro_batch_size):
                 part = batch.select(micro)
                 logprobs, entropy = self.sequence_logprobs(self.model, part, with_entropy=True)
+                if on_policy and part.sampler_logprobs is not None:  # the trainer's view before any update
+                    gap = (logprobs.detach().float().cpu() - part.sampler_logprobs).abs() * part.response_mask
+                    sums["train/sampler_logprob_diff"] = sums.get("train/sampler_logprob_diff", 0.0) + float(gap.sum())
                 loss, stats = self.loss(part, logprobs, entropy, token_count)
                 self.manual_backward(loss)
                 for name, value in stats.items():
@@ -314,7 +317,7 @@ class Algorithm(L.LightningModule, ABC):
         stats["train/optimizer_steps"] = float(len(updates))
         stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
         stats["train/skipped"] = 0.0
-        if batch.sampler_logprobs is not None and not on_policy:
+        if batch.sampler_logprobs is not None and not on_policy:  # measured against the recomputed old log-probs
             assert batch.old_logprobs is not None
             diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask
             stats["train/sampler_logprob_diff"] = float(diff.sum() / batch.response_mask.sum().clamp(min=1))

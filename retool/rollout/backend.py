@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from retool._async import run_sync
-from retool.rollout.format import ReToolFormat, ToolFormat
+from retool.rollout.format import ReToolFormat, TextOnlyFormat, ToolFormat
 from retool.types import Problem, Trajectory
 
 if TYPE_CHECKING:
@@ -87,7 +87,8 @@ class RolloutBackend(ABC):
         top_p: Nucleus sampling threshold (1.0 = off).
         top_k: Keep only the k most likely tokens (0 = off).
         seed: Seed of the sampler's random generator.
-        format: The text format of code cells and interpreter replies (default: the paper's tags).
+        format: The text format of code cells and interpreter replies (default: the paper's tags, or with
+            tools off a prompt without tool instructions).
         tools: ``False`` turns tools off: no cell ever runs, for the text-only RL baseline.
     """
 
@@ -116,7 +117,7 @@ class RolloutBackend(ABC):
         self.top_p = top_p
         self.top_k = top_k
         self.seed = seed
-        self.format = format if format is not None else ReToolFormat()
+        self.format = format if format is not None else (ReToolFormat() if tools else TextOnlyFormat())
         self.tools = tools
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None

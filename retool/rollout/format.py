@@ -152,3 +152,38 @@ class ReToolFormat(ToolFormat):
             parts.insert(0, "(the interpreter was restarted: earlier variables are gone)")
         text = "\n".join(parts) if parts else self.empty_output
         return f"\n<interpreter>\n{text}\n</interpreter>\n"
+
+
+class TextOnlyFormat(ToolFormat):
+    """No tools: the model reasons in text and boxes its answer (the text-RL baseline of the paper).
+
+    Nothing the model writes counts as a code cell, so generation never stops for one.
+
+    Args:
+        instructions: The instructions put before the question (``{question}`` marks where it goes).
+        system_prompt: An optional system message; ``None`` keeps the chat template's default.
+    """
+
+    DEFAULT_INSTRUCTIONS = (
+        "Solve the math problem below step by step. Finish with the final answer as "
+        "<answer>\\boxed{{your answer}}</answer>.\n\nProblem: {question}"
+    )
+
+    def __init__(self, instructions: str = DEFAULT_INSTRUCTIONS, system_prompt: str | None = None) -> None:
+        if "{question}" not in instructions:
+            raise ValueError("TextOnlyFormat instructions must contain the placeholder {question}")
+        self.instructions = instructions
+        self.system_prompt = system_prompt
+
+    def messages(self, problem: Problem) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return [*messages, {"role": "user", "content": self.instructions.format(question=problem.prompt)}]
+
+    def cell_closed(self, segment: str) -> bool:
+        return False
+
+    def extract_code(self, segment: str) -> str | None:
+        return None
+
+    def feedback(self, result: ExecutionResult) -> str:
+        raise RuntimeError("TextOnlyFormat has no tools, so it never renders interpreter output")

@@ -182,3 +182,20 @@ def test_ctrl_c_exports_the_policy_and_exits_130(tmp_path: Path, tiny_model_dir:
     assert proc.returncode == 130, out
     assert "interrupted after" in out and "Traceback" not in out
     assert (run_dir / "policy-interrupted" / "config.json").is_file()
+
+
+def test_trainer_log_probs_match_the_sampler(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """HFRollout's log-probs (temperature-scaled) equal the trainer's recomputation of the same tokens."""
+    recipe = {
+        **TINY_RECIPE,
+        "algorithm": {"class_path": "GRPO", "init_args": {"group_size": 2, "kl_coef": 0.1, "lr": 1e-3}},
+        "rollout": {"class_path": "HFRollout", "init_args": {"max_new_tokens": 16, "temperature": 0.7}},
+        "trainer": {**TINY_RECIPE["trainer"], "max_steps": 1},
+    }
+    run_dir = tmp_path / "run"
+    args = ["fit", "--recipe", str(_write(tmp_path, recipe)), "--policy.name_or_path", str(tiny_model_dir)]
+    assert main([*args, "--run_dir", str(run_dir)]) == 0
+    (step,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert step["train/skipped"] == 0  # the KL term always has a gradient
+    assert step["train/sampler_logprob_diff"] < 1e-3
+    assert step["train/kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is still its own reference

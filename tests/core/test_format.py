@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from retool import ExecutionResult, Problem, ReToolFormat
+from retool import ExecutionResult, Problem, ReToolFormat, TextOnlyFormat
 
 
 @pytest.fixture
@@ -70,3 +70,11 @@ def test_example_is_optional_and_bad_placeholders_fail_early() -> None:
         ReToolFormat(instructions="Answer {question} in {format}")
     literal = ReToolFormat(instructions="Use {{braces}}: {question}", example=None)
     assert literal.messages(Problem("p", "Q?", "1"))[-1]["content"] == "Use {braces}: Q?"
+
+
+def test_text_only_format_has_no_tools() -> None:
+    fmt = TextOnlyFormat()
+    content = fmt.messages(Problem("p", "What is 2+2?", "4"))[-1]["content"]
+    assert "<code>" not in content and "\\boxed" in content and content.endswith("Problem: What is 2+2?")
+    assert not fmt.cell_closed("```python\nprint(1)\n```\n</code>")
+    assert fmt.extract_code("<code>print(1)</code>") is None

@@ -99,6 +99,7 @@ def test_tools_off_never_stops_for_code(tokenizer) -> None:
     backend = _backend(tokenizer, max_new_tokens=400, tools=False)
     (traj,) = backend.rollout([Problem("p0", "q", "1")], 1, executor).trajectories
     assert not traj.tool_calls and not executor.calls
+    assert "<code>" not in traj.prompt_text  # the text-only prompt: no tool instructions
     assert traj.model_text == SCRIPT and sum(traj.loss_mask) == len(traj.token_ids) - traj.prompt_len
 
 
