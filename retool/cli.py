@@ -197,6 +197,13 @@ def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
     if "-h" in args or "--help" in args:
         build_parser().print_help()
         return 0
+    if any(arg.endswith(".help") for arg in args):  # --algorithm.help GRPO: a plugin's options, no recipe needed
+        try:
+            build_parser().parse_args(args)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+    # jsonargparse prints the config where --print_config stands; put it last so every override is in it.
+    args = [a for a in args if not a.startswith("--print_config")] + [a for a in args if a.startswith("--print_config")]
     recipe_path = _recipe_path(args)
     if recipe_path is None:
         raise ConfigError("retool fit needs --recipe PATH (see recipes/ for examples)")

@@ -118,6 +118,18 @@ def test_print_config_resolves_overrides(tmp_path: Path, capsys) -> None:
     assert "policy" not in printed["algorithm"]["init_args"]  # injected by the core, not a user key
 
 
+def test_print_config_first_still_shows_later_overrides(tmp_path: Path, capsys) -> None:
+    path = str(_write(tmp_path, TINY_RECIPE))
+    assert main(["fit", "--print_config", "--recipe", path, "--algorithm.init_args.group_size", "6"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["algorithm"]["init_args"]["group_size"] == 6
+
+
+def test_a_plugins_help_needs_no_recipe(capsys) -> None:
+    assert main(["fit", "--algorithm.help", "GRPO"]) == 0
+    out = capsys.readouterr().out
+    assert "clip_high" in out and "group_size" in out
+
+
 def test_plugins_command_lists_kinds(capsys) -> None:
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
