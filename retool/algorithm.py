@@ -235,6 +235,11 @@ class Algorithm(L.LightningModule, ABC):
         update_start = time.perf_counter()
         stats = self.update(rollout.trajectories, scores)
         update_s = time.perf_counter() - update_start
+        sync_start = time.perf_counter()
+        if self.rollout.needs_weight_sync and not stats["train/skipped"]:  # a skipped update left them as they were
+            assert self.model is not None
+            self.rollout.load_weights(self.model.state_dict())
+        sync_s = time.perf_counter() - sync_start
         metrics = {
             **rollout_metrics(rollout.trajectories),
             **{f"reward/{k}": _mean(v) for k, v in scores.components.items()},
@@ -244,6 +249,7 @@ class Algorithm(L.LightningModule, ABC):
             "time/generate_s": rollout.generate_s,
             "time/tool_wait_s": rollout.tool_wait_s,
             "time/update_s": update_s,
+            "time/weight_sync_s": sync_s,
             "time/step_s": time.perf_counter() - step_start,
             "perf/generate_tokens_per_s": (
                 rollout.generated_tokens / rollout.generate_s if rollout.generate_s > 1e-6 else float("nan")

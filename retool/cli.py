@@ -1,4 +1,5 @@
-"""The ``retool`` command: ``retool fit --recipe recipes/X.yaml [--section.key value ...]`` and ``retool plugins``.
+"""The ``retool`` command: ``retool fit --recipe recipes/X.yaml [--section.key value ...]``, ``retool plugins`` and
+``retool sandbox check``.
 
 A recipe is flat, one section per plugin kind; the core wires the sections together (jsonargparse links the
 instantiated policy, rollout, executor and reward into the algorithm), so a user never nests one plugin in
@@ -29,6 +30,7 @@ USAGE = """usage: retool [-p no:PLUGIN ...] COMMAND ...
 commands:
   fit --recipe PATH [--print_config] [--section.key VALUE ...]   train with a recipe
   plugins                                                        list the plugins found
+  sandbox check [--executor NAME_OR_CLASS_PATH] [--strict]       show and test the executors' isolation
 
 `retool fit --help` lists every option of every section."""
 
@@ -49,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins(blocked)
         if command == "fit":
             return cmd_fit(rest, blocked)
-        raise ConfigError(f"unknown command {command!r}; commands: fit, plugins")
+        if command == "sandbox":
+            return cmd_sandbox(rest, blocked)
+        raise ConfigError(f"unknown command {command!r}; commands: fit, plugins, sandbox")
     except (ConfigError, PluginError) as exc:
         _error(str(exc))
         return 2
@@ -94,6 +98,108 @@ def cmd_plugins(blocked: Sequence[str]) -> int:
     console.width = max(console.width, 160)  # class paths are long; never cut them
     console.print(table)
     return 0
+
+
+# ---- retool sandbox check ---------------------------------------------------------------------------------
+
+SANDBOX_USAGE = "usage: retool sandbox check [--executor NAME_OR_CLASS_PATH] [--strict]"
+
+
+def cmd_sandbox(args: list[str], blocked: Sequence[str]) -> int:
+    """Print each executor's isolation layers and run its self-tests; 1 if an active layer's test failed.
+
+    Without ``--executor`` every discovered executor plugin that implements ``self_check`` is checked; one
+    that cannot be created here (a missing key, say) is reported and skipped. ``--strict`` also fails on an
+    inactive layer.
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    if not args or args[0] in ("-h", "--help"):
+        print(SANDBOX_USAGE)
+        return 0 if args else 2
+    if args[0] != "check":
+        raise ConfigError(f"unknown sandbox command {args[0]!r}; {SANDBOX_USAGE}")
+    named, strict, rest = None, False, args[1:]
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--strict":
+            strict = True
+        elif arg == "--executor" and rest:
+            named = rest.pop(0)
+        elif arg.startswith("--executor="):
+            named = arg.split("=", 1)[1]
+        else:
+            raise ConfigError(f"unknown option {arg!r}; {SANDBOX_USAGE}")
+    found = plugin_registry.discover(blocked)
+    if named is not None:
+        plugin_registry.check_class_path("executor", named, found)
+        targets = [(named, _executor_class(named, found))]
+    else:
+        targets = [(p.name, p.cls) for p in found if p.kind == "executor" and _checks_itself(p.cls)]
+        if not targets:
+            raise ConfigError("no executor plugin implements self_check; name one with --executor")
+    console = Console()
+    console.width = max(console.width, 160)
+    failed = False
+    for name, cls in targets:
+        try:
+            executor = cls()
+        except Exception as exc:
+            if named is not None:
+                raise ConfigError(f"executor {name!r} could not be created: {_root_cause(exc)}") from None
+            console.print(f"[yellow]{name}: skipped, it could not be created here: {_root_cause(exc)}[/]")
+            continue
+        results = asyncio.run(_run_self_check(executor))
+        console.print(_check_table(name, results))
+        broken = [r.name for r in results if r.active and r.passed is False]
+        inactive = [r.name for r in results if not r.active]
+        if broken:
+            console.print(f"[bold red]{name}: self-test FAILED for {', '.join(broken)}[/]")
+        if inactive:
+            style = "bold red" if strict else "yellow"
+            console.print(f"[{style}]{name}: not active on this machine: {', '.join(inactive)}[/]")
+        if not broken and not inactive:
+            console.print(f"[green]{name}: every layer is active and held its self-test[/]")
+        failed = failed or bool(broken) or (strict and bool(inactive))
+    return 1 if failed else 0
+
+
+def _checks_itself(cls: type) -> bool:
+    from retool.executor import Executor
+
+    return getattr(cls, "self_check", None) is not Executor.self_check
+
+
+def _executor_class(name: str, found: Sequence[PluginInfo]) -> type:
+    import importlib
+
+    for plugin in found:
+        if plugin.kind == "executor" and plugin.name == name:
+            return plugin.cls
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)  # check_class_path has vetted it
+
+
+async def _run_self_check(executor: Any) -> list[Any]:
+    try:
+        return list(await executor.self_check())
+    finally:
+        await executor.aclose()
+
+
+def _check_table(name: str, results: Sequence[Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{name}: isolation layers on this machine", show_lines=False)
+    for column in ("layer", "active", "self-test", "how it is enforced / what the test saw"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        active = "[green]yes[/]" if r.active else "[red]no[/]"
+        test = {True: "[green]passed[/]", False: "[bold red]FAILED[/]", None: "-"}[r.passed]
+        table.add_row(r.name, active, test, r.detail)
+    return table
 
 
 # ---- retool fit -------------------------------------------------------------------------------------------

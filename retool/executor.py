@@ -14,8 +14,9 @@ the others; an implementation must never block the event loop (run blocking work
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
-from retool.types import ExecutionResult
+from retool.types import CheckResult, ExecutionResult
 
 
 class Executor(ABC):
@@ -32,7 +33,16 @@ class Executor(ABC):
     * After a cell is stopped from outside (timeout, crash, limit), the session's next cell starts from a
       fresh state and its result has ``session_restarted=True``.
     * ``close_session`` frees one session's resources; ``aclose`` frees everything, and is safe to call twice.
+
+    Optional:
+
+    * ``stateful`` (class attribute, default ``True``): whether a session keeps its variables between cells.
+      An executor that runs each cell in a fresh interpreter sets it to ``False``; the contract tests then skip
+      what only holds with state.
+    * ``self_check()``: report each isolation layer and attack it (``retool sandbox check`` prints the result).
     """
+
+    stateful: ClassVar[bool] = True
 
     @abstractmethod
     async def execute(self, code: str, session: str) -> ExecutionResult:
@@ -45,3 +55,12 @@ class Executor(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Close every session and release all resources (processes, sandboxes, connections)."""
+
+    async def self_check(self) -> list[CheckResult]:
+        """Check this executor's isolation layers on this machine: one :class:`~retool.CheckResult` per layer.
+
+        Each active layer should be tested for real, by running hostile code against it (connect to a port the
+        check opened on the host, write outside the scratch folder, a fork bomb, ...). The caller closes the
+        executor afterwards. The default reports nothing (an executor without layers to check).
+        """
+        return []

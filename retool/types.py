@@ -67,6 +67,24 @@ class ExecutionResult:
 
 
 @dataclass(frozen=True)
+class CheckResult:
+    """One isolation layer of an executor, as its self-check found it (see ``retool sandbox check``).
+
+    Args:
+        name: The layer, e.g. ``network``, ``filesystem``, ``seccomp``.
+        active: The layer is in force on this machine.
+        passed: Whether the layer's self-test (an attack on it from a cell) was held off; ``None`` when it was
+            not tested (an inactive layer, or one without a test).
+        detail: How the layer is enforced, why it is missing, or what the test saw.
+    """
+
+    name: str
+    active: bool
+    passed: bool | None
+    detail: str
+
+
+@dataclass(frozen=True)
 class ToolCall:
     """One code cell of a trajectory and what the executor answered.
 

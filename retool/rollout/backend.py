@@ -142,8 +142,14 @@ class RolloutBackend(ABC):
         finally:
             self._busy_s += time.perf_counter() - start
 
+    @property
+    def needs_weight_sync(self) -> bool:
+        """Whether the backend decodes with its own copy of the weights, so that the algorithm must call
+        :meth:`load_weights` after every update. ``False`` (the default): it samples from the bound module."""
+        return False
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:  # noqa: B027  # optional hook
-        """Receive the trainer's new weights after an update. Backends that share the module need nothing."""
+        """Receive the trainer's new weights after an update (called only when :attr:`needs_weight_sync`)."""
 
     async def aclose(self) -> None:  # noqa: B027  # optional hook
         """Release the backend's resources."""

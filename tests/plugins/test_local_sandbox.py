@@ -25,6 +25,10 @@ T = TypeVar("T")
 def run_with(body: Callable[[LocalSandbox], Awaitable[T]], **options: object) -> T:
     """Run ``body(sandbox)`` on a fresh event loop and close the sandbox afterwards."""
 
+    # Each test starts its own zygote: without numpy and sympy it is ready in a tenth of the time. The default
+    # preload is exercised by the hostile, contract and CLI tests.
+    options.setdefault("preload", ["math"])
+
     async def main() -> T:
         sandbox = LocalSandbox(**options)  # type: ignore[arg-type]
         try:
@@ -59,6 +63,29 @@ def child_pids() -> dict[int, str]:
     return found
 
 
+def descendants(root: int | None = None) -> dict[int, str]:
+    """Every process below ``root`` (this one by default), zombies included -> its command line."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                parents[int(name)] = int(Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+    found: dict[int, str] = {}
+    todo = [os.getpid() if root is None else root]
+    while todo:
+        parent = todo.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                try:
+                    found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                except OSError:
+                    found[pid] = ""
+                todo.append(pid)
+    return found
+
+
 def is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
@@ -83,13 +110,16 @@ def test_sessions_do_not_see_each_other():
         await sandbox.execute("secret = 42", "a")
         seen_by_b = await sandbox.execute("print(secret)", "b")
         seen_by_a = await sandbox.execute("print(secret)", "a")
-        pids = [await sandbox.execute("import os; print(os.getpid())", name) for name in ("a", "b")]
-        return [seen_by_b, seen_by_a, *pids]
+        # Each session is a process of its own, in a PID namespace of its own, as a uid of its own.
+        code = "import os; print(os.readlink('/proc/self/ns/pid'), os.getuid())"
+        identities = [await sandbox.execute(code, name) for name in ("a", "b")]
+        return [seen_by_b, seen_by_a, *identities]
 
-    seen_by_b, seen_by_a, pid_a, pid_b = run_with(body)
+    seen_by_b, seen_by_a, id_a, id_b = run_with(body)
     assert seen_by_b.error == "NameError: name 'secret' is not defined"
     assert seen_by_a.stdout == "42\n"
-    assert pid_a.stdout != pid_b.stdout
+    (ns_a, uid_a), (ns_b, uid_b) = id_a.stdout.split(), id_b.stdout.split()
+    assert ns_a != ns_b and uid_a != uid_b and "0" not in (uid_a, uid_b)
 
 
 def test_bare_last_expression_is_echoed_like_a_notebook():
@@ -227,7 +257,31 @@ def test_binary_and_unicode_output():
     assert lines[2].startswith("lone ") and lines[2].endswith(" surrogate")
 
 
-def test_environment_is_scrubbed_and_cwd_is_a_private_scratch_dir(monkeypatch):
+ENV_KEYS = ["HOME", "LANG", "LC_ALL", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PATH", "PYTHONIOENCODING", "TMPDIR"]
+
+
+def test_environment_is_scrubbed_and_cwd_is_a_private_tmpfs(monkeypatch, tmp_path):
+    monkeypatch.setenv("RETOOL_TEST_SECRET_TOKEN", "hunter2")
+    name = f"note-{tmp_path.name}.txt"
+
+    async def body(sandbox: LocalSandbox) -> list[ExecutionResult]:
+        env = await sandbox.execute("import os\nprint(sorted(os.environ))\nos.environ.get('HOME')", "a")
+        cwd = await sandbox.execute(f"open('{name}', 'w').write('hi')\nprint(os.getcwd())", "a")
+        other = await sandbox.execute(f"import os\nprint(os.getcwd(), os.path.exists('/tmp/{name}'))", "b")
+        assert not Path("/tmp", name).exists()  # the host's /tmp is not the session's
+        await sandbox.close_session("a")
+        reopened = await sandbox.execute(f"import os\nprint(os.path.exists('{name}'))", "a")
+        return [env, cwd, other, reopened]
+
+    env, cwd, other, reopened = run_with(body)
+    assert "RETOOL_TEST_SECRET_TOKEN" not in env.stdout and "hunter2" not in env.stdout
+    assert ast.literal_eval(env.stdout.splitlines()[0]) == ENV_KEYS
+    assert env.stdout.splitlines()[1] == "'/tmp'" and cwd.stdout == "/tmp\n"  # HOME and cwd: the private tmpfs
+    assert other.stdout == "/tmp False\n"  # the same path, another session's own folder
+    assert reopened.stdout == "False\n"  # closing a session discards its files
+
+
+def test_without_isolation_the_scratch_dir_is_a_host_folder_removed_on_close(monkeypatch):
     monkeypatch.setenv("RETOOL_TEST_SECRET_TOKEN", "hunter2")
 
     async def body(sandbox: LocalSandbox) -> tuple[ExecutionResult, ExecutionResult, ExecutionResult]:
@@ -240,11 +294,9 @@ def test_environment_is_scrubbed_and_cwd_is_a_private_scratch_dir(monkeypatch):
         assert not scratch.exists()
         return env, cwd, other
 
-    env, cwd, other = run_with(body)
+    env, cwd, other = run_with(body, isolation=False)
     assert "RETOOL_TEST_SECRET_TOKEN" not in env.stdout and "hunter2" not in env.stdout
-    assert ast.literal_eval(env.stdout.splitlines()[0]) == sorted(
-        ["HOME", "LANG", "LC_ALL", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PATH", "PYTHONIOENCODING", "TMPDIR"]
-    )
+    assert ast.literal_eval(env.stdout.splitlines()[0]) == ENV_KEYS
     assert env.stdout.splitlines()[1] == repr(cwd.stdout.strip())  # HOME is the scratch dir
     assert cwd.stdout != other.stdout
     assert Path(cwd.stdout.strip()) != Path.cwd()
@@ -316,41 +368,56 @@ def test_cancelling_execute_kills_the_cell():
     assert after.session_restarted and after.stdout == "False\n"
 
 
-def test_no_processes_leak_after_aclose():
+def zygote_of(sandbox: LocalSandbox) -> int:
+    zygote = sandbox._pool.live.zygote
+    assert zygote is not None
+    return zygote.proc.pid
+
+
+@pytest.mark.parametrize("isolation", [True, False], ids=["isolated", "no-isolation"])
+def test_no_processes_leak_after_aclose(isolation):
+    # Only this sandbox's processes are counted (its zygote's tree): another test's sandbox, finalized by the
+    # garbage collector meanwhile, must not make this test fail.
     before = set(child_pids())
 
-    async def body(sandbox: LocalSandbox) -> int:
+    async def body(sandbox: LocalSandbox) -> tuple[int, dict[int, str]]:
         await sandbox.execute("print(1)", "plain")
         await sandbox.execute("while True: pass", "timed-out")
         await sandbox.execute("import os\nos._exit(1)", "crashed")
         # A grandchild that leaves the worker's process group and session.
-        spawned = await sandbox.execute(
-            "import subprocess\np = subprocess.Popen(['sleep', '60'], start_new_session=True)\nprint(p.pid)", "spawner"
-        )
-        assert len(set(child_pids()) - before) == 2  # the workers of "plain" and "spawner"
+        spawn = "import subprocess\np = subprocess.Popen(['sleep', '60'], start_new_session=True)"
+        await sandbox.execute(spawn, "spawner")
+        zygote = zygote_of(sandbox)
+        tree = descendants(zygote)
+        sleepers = [pid for pid, command in tree.items() if command == "sleep 60"]
+        assert len(sleepers) == 1 and is_running(sleepers[0])
+        # For "plain" and "spawner" each an init and a worker (isolated) or a worker alone, and the sleeper;
+        # the sessions stopped by a timeout and a crash left nothing behind.
+        assert len(tree) == 2 * (2 if isolation else 1) + 1
+        assert set(child_pids()) - before == {zygote}  # the zygote is the trainer's only child
         await sandbox.aclose()
         await sandbox.aclose()  # twice is fine
-        return int(spawned.stdout)
+        return zygote, tree
 
-    grandchild = run_with(body, timeout_s=1.0)
-    assert set(child_pids()) == before  # every worker killed and reaped: no zombies either
-    assert not is_running(grandchild)
+    zygote, tree = run_with(body, timeout_s=1.0, isolation=isolation)
+    assert zygote not in child_pids()  # killed and reaped: no zombie either
+    assert not [pid for pid in (zygote, *tree) if is_running(pid)]
 
 
 def test_finalizer_kills_workers_when_aclose_is_never_called():
-    before = set(child_pids())
-
-    async def body() -> list[str]:
+    async def body() -> tuple[int, dict[int, str]]:
         sandbox = LocalSandbox()
-        result = await sandbox.execute("import os\nprint(os.getcwd())", "a")
-        assert len(set(child_pids()) - before) == 1
+        await sandbox.execute("import os\nprint(os.getcwd())", "a")
+        zygote = zygote_of(sandbox)
+        tree = descendants(zygote)
+        assert len(tree) == 2  # the session's init and worker
         del sandbox
         gc.collect()
-        return [result.stdout.strip()]
+        return zygote, tree
 
-    (scratch,) = asyncio.run(body())
-    assert set(child_pids()) == before
-    assert not Path(scratch).exists()
+    zygote, tree = asyncio.run(body())
+    assert zygote not in child_pids()
+    assert not [pid for pid in (zygote, *tree) if is_running(pid)]
 
 
 @pytest.mark.parametrize(
@@ -359,3 +426,53 @@ def test_finalizer_kills_workers_when_aclose_is_never_called():
 def test_invalid_options_are_refused(options):
     with pytest.raises(ValueError, match=next(iter(options))):
         LocalSandbox(**options)
+
+
+def test_strict_refuses_to_start_naming_the_missing_layers(monkeypatch):
+    import retool_plugins.executors.local as local
+
+    monkeypatch.setattr(local, "missing_layers", lambda: {"network": "unshare: Operation not permitted"})
+    with pytest.raises(local.SandboxUnavailable, match=r"network \(unshare: Operation not permitted\)"):
+        LocalSandbox(strict=True)
+    with pytest.raises(ValueError, match="strict=True requires isolation=True"):
+        LocalSandbox(strict=True, isolation=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="every layer needs root")
+def test_strict_starts_where_every_layer_is_available():
+    (result,) = cells("import os\nprint(os.getuid() != 0)", strict=True)
+    assert result.stdout == "True\n"
+
+
+def test_missing_layers_are_warned_about_loudly_once(caplog):
+    with caplog.at_level("WARNING"):
+        cells("1", "2", isolation=False)
+    warnings = [r.getMessage() for r in caplog.records if "ISOLATION IS INCOMPLETE" in r.getMessage()]
+    assert len(warnings) == 1
+    for layer in ("network", "filesystem", "pid-namespace", "user", "seccomp", "cgroups"):
+        assert f"{layer} (off (isolation=False))" in warnings[0]
+
+
+def test_a_default_preload_that_is_not_installed_is_skipped_silently(monkeypatch, caplog):
+    import retool_plugins.executors.local as local
+
+    monkeypatch.setattr(local, "DEFAULT_PRELOAD", ["math", "no_such_module_xyz"])
+    with caplog.at_level("WARNING"):
+        (result,) = cells("print(math.sqrt(16))", preload=None)
+    assert result.stdout == "4.0\n"
+    assert "no_such_module_xyz" not in caplog.text
+
+
+def test_a_dead_zygote_costs_the_sessions_their_state_not_the_trainer():
+    async def body(sandbox: LocalSandbox) -> list[ExecutionResult]:
+        await sandbox.execute("x = 1", "a")
+        zygote = zygote_of(sandbox)
+        os.kill(zygote, 9)  # e.g. the kernel's OOM killer
+        await asyncio.sleep(0.2)
+        after = [await sandbox.execute("print('x' in globals())", "a") for _ in range(2)]
+        assert zygote_of(sandbox) != zygote  # a new one started
+        return after
+
+    first, second = run_with(body)
+    assert first.stdout == "False\n" and first.session_restarted
+    assert second.stdout == "False\n" and not second.session_restarted

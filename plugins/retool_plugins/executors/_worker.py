@@ -1,17 +1,19 @@
-"""The worker process behind :class:`~retool_plugins.executors.local.LocalSandbox`: it runs one session's cells.
+"""The code that runs cells inside a LocalSandbox worker, and the helpers the parent shares with it.
 
-The parent starts it as ``python -I _worker.py REQ_FD REP_FD MIRROR_FD CONFIG_JSON`` with fds 0, 1 and 2 on
-``/dev/null``. Requests arrive on ``REQ_FD`` and replies leave on ``REP_FD``, each a 4-byte big-endian length
-followed by UTF-8 JSON; never pickle, so nothing a cell writes can make the parent run code. The protocol lives
-on private fds, so a cell that writes to fd 1 or 2 directly (``os.write``, C code, child processes) cannot
-corrupt it: that output goes to ``/dev/null``.
+A worker is forked from the sandbox's zygote (see ``_zygote.py``), which has already imported this module and
+the preloaded modules; :func:`serve` is then its whole life. Requests arrive and replies leave on one private
+socket, each a 4-byte big-endian length followed by UTF-8 JSON; never pickle, so nothing a cell writes can make
+the parent run code. The protocol lives on a private fd, so a cell that writes to fd 1 or 2 directly
+(``os.write``, C code, child processes) cannot corrupt it: that output goes to ``/dev/null``, and a process a
+cell forks loses the socket at once.
 
 A cell's ``sys.stdout`` and ``sys.stderr`` keep only the head and a rolling tail of what it prints, so a flood
-costs bounded memory. The head is also mirrored into shared memory (``MIRROR_FD``, a memfd of the parent), so
-that when the parent has to kill a cell that hangs or crashes it can still show what the cell printed.
+costs bounded memory. The head is also mirrored into shared memory (a memfd of the parent), so that when the
+parent has to kill a cell that hangs or crashes it can still show what the cell printed; the same memfd ends
+with a slot where the session's init process records how the worker ended.
 
-The module imports only the standard library, and the parent imports it too for :func:`fit` and
-:func:`read_mirror`; running it is what makes a worker.
+The module imports only the standard library, and the parent imports it too for :func:`fit`,
+:func:`read_mirror` and :func:`read_status`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ast
 import builtins
 import codecs
+import contextlib
 import io
 import json
 import linecache
@@ -28,6 +31,7 @@ import struct
 import sys
 import traceback
 import types
+from _thread import get_ident
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +39,7 @@ _MARKER = "\n...[{} chars cut]...\n"
 _FRAME = struct.Struct(">I")
 _MIRROR = struct.Struct("<IIBB")  # bytes used by the stdout and stderr heads; whether each ran past its head
 _LOST = "\n...[more output was not kept]...\n"
+_STATUS = struct.Struct("<ii")  # after the heads: 1 once the worker ended, then its wait status
 
 # Bound now: a cell may rebind os.write or json.dumps, and the reply of its cell must still go out.
 _read = os.read
@@ -138,8 +143,19 @@ def error_budget(cap: int) -> int:
 
 
 def mirror_size(cap: int) -> int:
-    """Bytes of the shared head mirror for ``cap`` characters per stream (UTF-8 needs at most 4 per character)."""
-    return _MIRROR.size + 2 * 4 * cap
+    """Bytes of the shared memfd for ``cap`` characters per stream (UTF-8 needs at most 4 per character)."""
+    return _MIRROR.size + 2 * 4 * cap + _STATUS.size
+
+
+def write_status(fd: int, cap: int, status: int) -> None:
+    """Record the worker's wait status (written by the session's init process when the worker ends)."""
+    os.pwrite(fd, _STATUS.pack(1, status), mirror_size(cap) - _STATUS.size)
+
+
+def read_status(data: bytes, cap: int) -> int | None:
+    """The wait status :func:`write_status` recorded in ``data`` (the whole memfd), or ``None``."""
+    done, status = _STATUS.unpack_from(data, mirror_size(cap) - _STATUS.size)
+    return status if done else None
 
 
 def read_mirror(data: bytes, cap: int) -> tuple[str, str, bool]:
@@ -165,6 +181,7 @@ class Mirror:
         self.map = mmap.mmap(fd, mirror_size(cap))
         self.used = [0, 0]
         self.over = [0, 0]
+        self.enabled = True  # off in a process a cell forks: only the worker itself writes the heads
 
     def reset(self) -> None:
         """Forget the previous cell's heads."""
@@ -176,6 +193,8 @@ class Mirror:
         """The ``Clip.mirror`` callback for ``slot``."""
 
         def add(text: str | None) -> None:
+            if not self.enabled:
+                return
             if text is None:
                 self.over[slot] = 1
                 _MIRROR.pack_into(self.map, 0, *self.used, *self.over)
@@ -195,6 +214,8 @@ class Capture(io.TextIOBase):
 
     The object stays the same across cells, so a logging handler a cell creates keeps writing into the output
     of later cells, as in a notebook. Bytes written to its ``buffer`` are decoded as UTF-8, invalid ones replaced.
+    What threads that an earlier cell started write is dropped: a thread left printing in the background must
+    not leak into the output of the cells after it.
     """
 
     encoding = "utf-8"
@@ -203,6 +224,7 @@ class Capture(io.TextIOBase):
     def __init__(self) -> None:
         super().__init__()
         self.clip = Clip(0)
+        self.stale: frozenset[int] = frozenset()
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.buffer = types.SimpleNamespace(write=self._write_bytes, flush=self.flush, writable=self.writable)
 
@@ -220,6 +242,8 @@ class Capture(io.TextIOBase):
     def write(self, text: Any) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if self.stale and get_ident() in self.stale:
+            return len(text)
         self.clip.add(text)
         return len(text)
 
@@ -230,8 +254,9 @@ class Capture(io.TextIOBase):
         pass  # a cell that closes sys.stdout must not silence every later cell
 
     def start(self, cap: int, mirror: Callable[[str | None], None] | None) -> None:
-        """Begin capturing a cell."""
+        """Begin capturing a cell; the threads alive now, other than this one, are not the cell's."""
         self.clip = Clip(cap, mirror)
+        self.stale = frozenset(sys._current_frames()) - {get_ident()}
         self.decoder.reset()
 
     def stop(self) -> Clip:
@@ -324,79 +349,54 @@ def _send(fd: int, message: dict[str, Any]) -> None:
         view = view[_write(fd, view) :]
 
 
-def _apply_limits(memory_mb: int | None, fsize: int, nofile: int) -> None:
-    # Set here rather than in a preexec_fn: preexec_fn is unsafe in a threaded parent such as a trainer.
-    import resource
+class _Forked:
+    """Set in a process that a cell forks from the worker: it must never speak the protocol."""
 
-    def lower(kind: int, value: int) -> None:
-        _, hard = resource.getrlimit(kind)
-        if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
-        resource.setrlimit(kind, (value, value))
-
-    lower(resource.RLIMIT_CORE, 0)
-    lower(resource.RLIMIT_FSIZE, fsize)
-    lower(resource.RLIMIT_NOFILE, nofile)
-    if memory_mb is not None:
-        lower(resource.RLIMIT_AS, memory_mb * 1024 * 1024)
+    value = False
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    # A worker spinning in a cell never reads the EOF of a dead parent; the kernel kills it instead.
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
+def serve(fd: int, mirror_fd: int, cap: int, preloaded: dict[str, Any]) -> None:
+    """Serve cells on the socket ``fd`` until the parent closes it; ``preloaded`` is bound in the cells' namespace.
 
-            ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
-
-
-def _preload(names: list[str], namespace: dict[str, Any]) -> list[str]:
-    warnings = []
-    for name in names:
-        try:
-            namespace[name.partition(".")[0]] = __import__(name)  # binds like `import name` would
-        except BaseException as exc:
-            warnings.append(f"preload of {name!r} failed: {type(exc).__name__}: {exc}"[:500])
-    return warnings
-
-
-def main(argv: list[str]) -> None:
-    """Serve cells until the parent closes the request pipe."""
-    req_fd, rep_fd, mirror_fd = int(argv[1]), int(argv[2]), int(argv[3])
-    config = json.loads(argv[4])
-    for fd in (req_fd, rep_fd):
-        os.set_inheritable(fd, False)  # processes a cell starts must not hold the protocol pipes
-    _die_with_parent(config["parent_pid"])
-    _apply_limits(config["memory_mb"], config["fsize"], config["nofile"])
-    cap = config["max_output_chars"]
+    Args:
+        fd: The protocol socket (requests in, replies out).
+        mirror_fd: The parent's memfd for the output heads, or -1.
+        cap: Characters of output kept per cell (``max_output_chars``).
+        preloaded: Names bound in the namespace before the first cell (the zygote's preloaded modules).
+    """
+    os.set_inheritable(fd, False)  # programs a cell runs must not hold the protocol socket
     mirror = None
     if mirror_fd >= 0:
         mirror = Mirror(mirror_fd, cap)
-        os.close(mirror_fd)  # the mapping keeps its own reference
+
+    def forked() -> None:
+        # A cell called os.fork() (or multiprocessing did): the child keeps running the cell's code, but the
+        # socket and the output heads belong to the worker alone.
+        _Forked.value = True
+        if mirror is not None:
+            mirror.enabled = False
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    os.register_at_fork(after_in_child=forked)
     # A fresh __main__ for the cells, as in a notebook: the worker's own globals stay out of their way.
     module = types.ModuleType("__main__")
     module.__dict__["__builtins__"] = builtins
+    module.__dict__.update(preloaded)
     sys.modules["__main__"] = module
     sys.argv = [""]
     sys.path.insert(0, "")  # the scratch directory, so a cell can import a module it wrote
     out, err = Capture(), Capture()
     sys.stdout, sys.stderr = out, err
-    warnings = _preload(config["preload"], module.__dict__)
-    _send(rep_fd, {"seq": 0, "ready": True, "warnings": warnings})
+    _send(fd, {"seq": 0, "ready": True, "pid": os.getpid()})
     number = 0
     while True:
-        request = _recv(req_fd)
+        request = _recv(fd)
         if request is None:  # the parent closed the session or is gone
             return
         number += 1
         reply = run_cell(request["code"], module.__dict__, number, out, err, cap, mirror)
+        if _Forked.value:  # a child the cell forked came back here: it ends now, silently
+            os._exit(0)
         reply["seq"] = request["seq"]
-        _send(rep_fd, reply)
-
-
-if __name__ == "__main__":
-    main(sys.argv)
+        _send(fd, reply)

@@ -1,97 +1,96 @@
-"""LocalSandbox: each session is a long-lived Python worker process on this machine.
+"""LocalSandbox: each session is a persistent, confined Python worker forked from a warm zygote on this machine.
+
+How it works: on first use the sandbox starts one *zygote* process (``sys.executable``, never the trainer
+forked) that imports the preloaded modules once. Each session's worker is forked from it in a few
+milliseconds, already warm, and confines itself before it runs a cell (see ``_isolation.py`` for the layers:
+network, PID, mount and IPC namespaces, a uid of its own, rlimits, seccomp; and the sandbox's cgroups over all
+sessions together). Cells and replies cross a private socket as length-prefixed JSON, never pickle.
 
 How it holds its limits against hostile code:
 
-* time: the parent measures wall-clock time and SIGKILLs the worker's whole process group, so nothing inside
-  the worker has to cooperate (ignored signals, one long C call and busy loops are all stopped);
-* memory: ``RLIMIT_AS`` in the worker, so a large allocation fails with ``MemoryError``;
+* time: the parent measures wall-clock time and SIGKILLs the session's PID-namespace init, which makes the
+  kernel kill every process the cell started (or, without that namespace, the worker's process tree), so
+  nothing inside has to cooperate (ignored signals, one long C call and busy loops are all stopped);
+* memory: ``RLIMIT_AS`` in the worker, so a large allocation fails with ``MemoryError``; the sandbox's memory
+  cgroup caps all sessions together, so the trainer is never the one the OOM killer picks;
+* processes: ``RLIMIT_NPROC`` on the session's own uid (a fork bomb stops at ``max_processes``);
 * output: the worker keeps only the head and a rolling tail of what a cell prints, and the parent never reads
-  more than one bounded reply;
-* isolation: one process (and process group) per session, a scrubbed environment, and a private scratch
-  directory as working directory and ``HOME``, removed when the session closes.
+  more than one bounded reply.
 
-It is a process sandbox, not a security boundary: the code runs as the trainer's user (as root it can even
-raise its own rlimits) and can reach the file system and the network. Use a container-based executor for code
-you would not run yourself.
+A layer the machine does not support (not Linux, not root, a container that forbids namespaces) is skipped
+with one loud warning listing what is missing; ``strict=True`` refuses to run instead. ``retool sandbox
+check`` shows the layers and attacks each one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from retool.executor import Executor
-from retool.types import ExecutionResult
-from retool_plugins.executors import _worker
+from retool.types import CheckResult, ExecutionResult
+from retool_plugins.executors import _host
+from retool_plugins.executors._host import Cgroups, Zygote, ZygoteLost
+from retool_plugins.executors._pool import Pool, Worker, WorkerLost, describe, finalize, spawn_task, worker_env
 
 logger = logging.getLogger(__name__)
 
-_WORKER = Path(_worker.__file__).resolve()
+DEFAULT_PRELOAD = ["math", "fractions", "itertools", "numpy", "sympy"]
 _FSIZE_BYTES = 64 * 1024 * 1024  # largest file a cell may write
 _NOFILE = 256  # open files per worker
-_START_TIMEOUT_S = 60.0  # a worker's start, preloads included (sympy alone takes ~0.5 s)
-_EXIT_GRACE_S = 1.0  # after the reply pipe closes, how long a dying worker gets to exit on its own
-_REAP_TIMEOUT_S = 10.0
-_READ_LIMIT = 64 * 1024  # bytes the reply stream buffers before it stops reading the pipe
 
 
-class _WorkerLost(Exception):
-    """The worker closed its reply pipe (``closed``) or sent something that is not a valid reply."""
-
-    def __init__(self, message: str, closed: bool = True) -> None:
-        super().__init__(message)
-        self.closed = closed
-
-
-@dataclass(eq=False)
-class _Worker:
-    proc: subprocess.Popen[bytes]
-    scratch: str
-    reader: asyncio.StreamReader
-    files: tuple[BinaryIO, BinaryIO]  # reply pipe, request pipe (owned by the transports once connected)
-    mirror_fd: int | None
-    read_transport: asyncio.ReadTransport | None = None
-    write_transport: asyncio.WriteTransport | None = None
-    seq: int = 0
+class SandboxUnavailable(RuntimeError):
+    """``strict=True`` and an isolation layer is not available on this machine; the message lists them."""
 
 
 @dataclass(eq=False)
 class _Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    worker: _Worker | None = None
+    worker: Worker | None = None
     restarted: bool = False  # state was lost; the next cell's result says so
 
 
 class LocalSandbox(Executor):
-    """Runs each session's cells in its own persistent Python process on this machine.
+    """Runs each session's cells in its own persistent, confined Python process on this machine.
 
     Variables, imports and functions persist between the cells of a session, as in a notebook, and a bare
-    expression on a cell's last line shows its value. The worker uses this interpreter (``sys.executable``)
-    and its installed packages, in a scrubbed environment, with a private scratch directory as working
-    directory. A cell that runs too long or crashes the interpreter kills only its session's worker; the next
-    cell starts a fresh one and reports ``session_restarted``. Not a security boundary: see the module docs.
+    expression on a cell's last line shows its value. Workers are forked from a warm zygote that runs this
+    interpreter (``sys.executable``) and has imported ``preload``, so a session starts in milliseconds. Each
+    worker has no network, sees the host read-only with home folders, ``/tmp`` and ``/run`` emptied, writes
+    only to a private tmpfs at ``/tmp`` (its working and home folder), runs as a uid of its own in PID, mount,
+    network and IPC namespaces of its own under a seccomp filter, with rlimits it cannot raise, and an
+    environment holding nothing of the trainer's. A cell that runs too long or crashes the interpreter kills
+    only its session; the next cell starts a fresh worker and reports ``session_restarted``.
 
     Args:
-        timeout_s: Wall-clock limit of one cell, in seconds; the worker is killed when it is exceeded.
-        memory_mb: Address-space limit of a session's worker in MiB (``RLIMIT_AS``), or ``None`` for none.
-            An allocation beyond it raises ``MemoryError`` in the cell (``stop_reason="memory"``).
+        timeout_s: Wall-clock limit of one cell, in seconds; the session's processes are killed when it is
+            exceeded. Each worker also has ``max(60, 10 * timeout_s)`` s of CPU time in all (``RLIMIT_CPU``).
+        memory_mb: Memory one worker process may allocate beyond the preloaded interpreter, in MiB
+            (``RLIMIT_AS``), or ``None`` for no limit. A larger allocation raises ``MemoryError`` in the cell
+            (``stop_reason="memory"``).
         max_output_chars: Characters of stdout and stderr kept per cell, together; longer output keeps its
             head and tail with a marker in between (``truncated=True``).
-        preload: Modules each worker imports when it starts (bound in the session's namespace), so that cells
-            do not pay for slow imports such as ``numpy`` or ``sympy``. Defaults to ``["math"]``.
+        preload: Modules the zygote imports once, bound in every session's namespace, so that cells do not pay
+            for slow imports. Defaults to ``["math", "fractions", "itertools", "numpy", "sympy"]``, skipping
+            any that is not installed; a module named here that fails to import is warned about.
+        max_processes: Processes and threads one session may have at once (``RLIMIT_NPROC`` on its own uid).
+        scratch_mb: Size of the session's private tmpfs at ``/tmp``, in MiB (and of its ``/dev/shm``).
+        total_memory_mb: Memory of all sessions together (the sandbox's memory cgroup), in MiB; ``None`` is
+            half of this machine's RAM. The kernel's OOM killer then picks a worker, never the trainer.
+        isolation: ``False`` turns the namespaces, the separate uid, seccomp and the cgroups off (limits,
+            timeouts and the scrubbed environment stay), e.g. to debug a cell with host tools.
+        strict: Refuse to start (raise :class:`SandboxUnavailable` naming them) unless every isolation layer is
+            available; without it, missing layers are skipped with one loud warning.
     """
 
     def __init__(
@@ -100,6 +99,11 @@ class LocalSandbox(Executor):
         memory_mb: int | None = 1024,
         max_output_chars: int = 2000,
         preload: list[str] | None = None,
+        max_processes: int = 64,
+        scratch_mb: int = 64,
+        total_memory_mb: int | None = None,
+        isolation: bool = True,
+        strict: bool = False,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
@@ -107,84 +111,124 @@ class LocalSandbox(Executor):
             raise ValueError(f"memory_mb must be positive, or None for no limit; got {memory_mb!r}")
         if max_output_chars < 0:
             raise ValueError(f"max_output_chars must be >= 0, got {max_output_chars!r}")
+        if max_processes < 1:
+            raise ValueError(f"max_processes must be at least 1, got {max_processes!r}")
+        if scratch_mb < 1:
+            raise ValueError(f"scratch_mb must be at least 1, got {scratch_mb!r}")
+        if total_memory_mb is not None and total_memory_mb <= 0:
+            raise ValueError(f"total_memory_mb must be positive, or None for half the RAM; got {total_memory_mb!r}")
+        if strict and not isolation:
+            raise ValueError("strict=True requires isolation=True: strict refuses to run without every layer")
         self.timeout_s = float(timeout_s)
         self.memory_mb = memory_mb
         self.max_output_chars = max_output_chars
-        self.preload = list(preload) if preload is not None else ["math"]
-        # JSON needs at most 6 bytes per character (\u00XX escapes); 64 KiB more for keys and warnings.
-        self._frame_limit = 6 * (max_output_chars + _worker.error_budget(max_output_chars) + 256) + 65536
-        self._mirror_size = _worker.mirror_size(max_output_chars)
+        self.preload = list(preload) if preload is not None else list(DEFAULT_PRELOAD)
+        self._preload_optional = preload is None  # missing default modules are skipped silently
+        self.max_processes = max_processes
+        self.scratch_mb = scratch_mb
+        self.total_memory_mb = total_memory_mb
+        self.isolation = isolation
+        self.strict = strict
+        if strict:
+            missing = missing_layers()
+            if missing:
+                raise SandboxUnavailable(
+                    "LocalSandbox(strict=True) refuses to start: these isolation layers are not available here: "
+                    + "; ".join(f"{name} ({why})" for name, why in missing.items())
+                    + ". Run `retool sandbox check` for details, or drop strict=True to run with what there is."
+                )
         self._sessions: dict[str, _Session] = {}
         self._warned: set[str] = set()
-        # Every running worker with its scratch directory, for the finalizer: it holds no reference to self.
-        self._live: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
-        self._finalizer = weakref.finalize(self, _kill_all, self._live)
+        self._oom_seen = 0
+        memory = total_memory_mb * 2**20 if total_memory_mb else _half_the_ram()
+        self._pool = Pool(max_output_chars, self._zygote_config, memory, isolation, self._on_zygote)
+        self._finalizer = weakref.finalize(self, finalize, self._pool.live)
+
+    # ---- the Executor contract ------------------------------------------------------------------------
 
     async def execute(self, code: str, session: str) -> ExecutionResult:
         """Run ``code`` in ``session``'s worker (started on first use) and report what happened.
 
-        ``wall_s`` includes the start of the worker when the cell needs one (about 30 ms, plus the preloads).
+        ``wall_s`` includes the start of the worker when the cell needs one (a few milliseconds; the first
+        session also waits for the zygote's preloads, about a second with numpy and sympy).
         """
+        return await self._execute(code, session, self.timeout_s)
+
+    async def close_session(self, session: str) -> None:
+        """Kill ``session``'s processes (even mid-cell) and drop its state; unknown names are ignored."""
+        state = self._sessions.pop(session, None)
+        if state is None:
+            return
+        if state.worker is not None:
+            self._pool.kill(state.worker)  # a running cell ends now instead of at its timeout
+        async with state.lock:
+            await self._discard(state)
+
+    async def aclose(self) -> None:
+        """Close every session and stop the zygote; safe to call twice. The sandbox may be used again after."""
+        await asyncio.gather(*(self.close_session(name) for name in list(self._sessions)))
+        await self._pool.close()
+
+    async def self_check(self) -> list[CheckResult]:
+        """Report each isolation layer and attack it from a cell (see ``retool sandbox check``)."""
+        from retool_plugins.executors._checks import run_checks
+
+        return await run_checks(self)
+
+    async def layers(self) -> dict[str, tuple[bool, str]]:
+        """``{layer: (active, detail)}`` as the zygote found them on this machine (starts the zygote)."""
+        self._ensure_loop()
+        return (await self._pool.zygote()).layers
+
+    # ---- running a cell -----------------------------------------------------------------------------------
+
+    async def _execute(self, code: str, session: str, timeout_s: float) -> ExecutionResult:
+        self._ensure_loop()
         state = self._sessions.setdefault(session, _Session())
         async with state.lock:  # one session's cells run one after another
             start = time.monotonic()
             try:
-                result = await self._execute_locked(state, code)
+                result = await self._execute_locked(state, code, timeout_s)
             except asyncio.CancelledError:
                 # The caller gave up on the cell: stop it now, it must not keep running unobserved.
                 worker, state.worker = state.worker, None
                 if worker is not None:
                     state.restarted = True
-                    _kill(worker.proc)
-                    _spawn_task(self._cleanup(worker))
+                    self._pool.kill(worker)
+                    spawn_task(self._pool.release(worker))
                 raise
             except Exception as exc:  # a bug or an OS limit here must not take the trainer down
                 logger.exception("LocalSandbox failed to run a cell")
                 await self._discard(state)
                 state.restarted = True
-                result = ExecutionResult(error=f"SandboxError: {exc!r}", stop_reason="crash")
+                result = ExecutionResult(error=f"SandboxError: {exc}", stop_reason="crash")
             return replace(result, wall_s=time.monotonic() - start)
 
-    async def close_session(self, session: str) -> None:
-        """Kill ``session``'s worker (even mid-cell) and remove its scratch directory; unknown names are ignored."""
-        state = self._sessions.pop(session, None)
-        if state is None:
-            return
-        if state.worker is not None:
-            _kill(state.worker.proc)  # a running cell ends now instead of at its timeout
-        async with state.lock:
-            await self._discard(state)
-
-    async def aclose(self) -> None:
-        """Close every session; safe to call twice."""
-        await asyncio.gather(*(self.close_session(name) for name in list(self._sessions)))
-
-    async def _execute_locked(self, state: _Session, code: str) -> ExecutionResult:
+    async def _execute_locked(self, state: _Session, code: str, timeout_s: float) -> ExecutionResult:
         restarted = state.restarted
-        if state.worker is not None and not _alive(state.worker.proc):
+        if state.worker is not None and state.worker.gone():
             await self._discard(state)  # it died between cells (e.g. a thread the cell started called os._exit)
             state.restarted = restarted = True
         if state.worker is None:
             try:
-                state.worker = await self._start()
-            except _WorkerLost as exc:
+                state.worker = await self._pool.start()
+            except WorkerLost as exc:
                 return ExecutionResult(error=str(exc), stop_reason="crash", session_restarted=restarted)
         state.restarted = False
         worker = state.worker
-        assert worker.write_transport is not None
         worker.seq += 1
-        worker.write_transport.write(_frame({"seq": worker.seq, "code": code}))
+        self._pool.send(worker, {"seq": worker.seq, "code": code})
         try:
-            reply = await asyncio.wait_for(self._recv(worker), self.timeout_s)
+            reply = await asyncio.wait_for(self._pool.recv(worker), timeout_s)
             if reply.get("seq") != worker.seq:
-                raise _WorkerLost("sent a reply out of turn", closed=False)
+                raise WorkerLost("sent a reply out of turn", closed=False)
         except asyncio.TimeoutError:
-            error = f"TimeoutError: the cell ran longer than {self.timeout_s:g} s and was stopped"
+            error = f"TimeoutError: the cell ran longer than {timeout_s:g} s and was stopped"
             return await self._stopped(state, restarted, error, timed_out=True, stop_reason="timeout")
-        except _WorkerLost as exc:
-            how = await _exit_status(worker.proc) if exc.closed else None
-            error = f"InterpreterCrash: the Python interpreter crashed ({how or exc})"
-            return await self._stopped(state, restarted, error, stop_reason="crash")
+        except WorkerLost as exc:
+            status = await self._pool.exit_status(worker) if exc.closed else None
+            error, reason = self._explain_death(status, exc)
+            return await self._stopped(state, restarted, error, stop_reason=reason)
         return ExecutionResult(
             stdout=reply["stdout"] if isinstance(reply.get("stdout"), str) else "",
             stderr=reply["stderr"] if isinstance(reply.get("stderr"), str) else "",
@@ -194,233 +238,106 @@ class LocalSandbox(Executor):
             session_restarted=restarted,
         )
 
+    def _explain_death(self, status: int | None, exc: Exception) -> tuple[str, Any]:
+        """The error line and stop reason of a worker that died on its own (``status`` is its wait status)."""
+        if status is None:
+            return f"InterpreterCrash: the Python interpreter crashed ({exc})", "crash"
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
+            cpu = self._cpu_seconds()
+            return f"TimeoutError: the session used up its {cpu} s of CPU time and was stopped", "timeout"
+        cgroups = self._pool.live.cgroups
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and cgroups is not None:
+            kills = cgroups.oom_kills()
+            if kills > self._oom_seen:
+                self._oom_seen = kills
+                return "MemoryError: the sandbox ran out of memory and the kernel killed the worker", "memory"
+        return f"InterpreterCrash: the Python interpreter crashed ({describe(status)})", "crash"
+
     async def _stopped(self, state: _Session, restarted: bool, error: str, **fields: Any) -> ExecutionResult:
         """End a cell stopped from outside: kill its worker, keep what it printed, restart the session next time."""
         assert state.worker is not None
-        _kill(state.worker.proc)  # first, so that its output no longer changes while we read it
-        stdout, stderr, truncated = self._partial_output(state.worker)
+        self._pool.kill(state.worker)  # first, so that its output no longer changes while we read it
+        stdout, stderr, truncated = self._pool.partial_output(state.worker)
         await self._discard(state)
         state.restarted = True
         error += "; the session's variables were lost"
         return ExecutionResult(stdout, stderr, error, truncated=truncated, session_restarted=restarted, **fields)
 
-    async def _start(self) -> _Worker:
-        """Start a worker in a fresh scratch directory and wait until it is ready; raises ``_WorkerLost``."""
-        loop = asyncio.get_running_loop()
-        scratch = tempfile.mkdtemp(prefix="retool-sandbox-")
-        mirror_fd = _make_mirror(self._mirror_size)
-        req_r, req_w = os.pipe()
-        rep_r, rep_w = os.pipe()
-        limits = {"memory_mb": self.memory_mb, "fsize": _FSIZE_BYTES, "nofile": _NOFILE}
-        config = {"parent_pid": os.getpid(), "max_output_chars": self.max_output_chars, "preload": self.preload}
-        passed = [req_r, rep_w] + ([] if mirror_fd is None else [mirror_fd])
-        argv = [sys.executable, "-I", str(_WORKER), str(req_r), str(rep_w), str(-1 if mirror_fd is None else mirror_fd)]
-        try:
-            # Popen runs on the loop's thread, as asyncio's own subprocess support does: the worker asks to be
-            # killed when the thread that forked it ends (PR_SET_PDEATHSIG), and this thread lives with the loop.
-            # No preexec_fn (unsafe in a threaded parent): the worker sets its own rlimits.
-            proc = subprocess.Popen(
-                [*argv, json.dumps({**config, **limits})],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                cwd=scratch,
-                env=_worker_env(scratch),
-                pass_fds=passed,
-                start_new_session=True,  # its own process group, killed as a whole
-            )
-        except Exception as exc:
-            for fd in (*passed, req_w, rep_r):
-                os.close(fd)
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise _WorkerLost(f"SandboxError: could not start the Python worker: {exc}") from exc
-        os.close(req_r)  # the child's ends: with them closed here, the worker's death shows as EOF
-        os.close(rep_w)
-        files = (os.fdopen(rep_r, "rb", buffering=0), os.fdopen(req_w, "wb", buffering=0))
-        worker = _Worker(proc, scratch, asyncio.StreamReader(limit=_READ_LIMIT), files, mirror_fd)
-        self._live[id(proc)] = (proc, scratch)
-        try:
-            worker.read_transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(worker.reader), files[0]
-            )
-            worker.write_transport, _ = await loop.connect_write_pipe(asyncio.Protocol, files[1])
-            ready = await asyncio.wait_for(self._recv(worker), _START_TIMEOUT_S)
-            if not ready.get("ready"):
-                raise _WorkerLost("sent no ready message", closed=False)
-        except asyncio.CancelledError:
-            _kill(proc)
-            _spawn_task(self._cleanup(worker))
-            raise
-        except (asyncio.TimeoutError, _WorkerLost, OSError) as exc:
-            how = await _exit_status(proc) if isinstance(exc, _WorkerLost) and exc.closed else None
-            _kill(proc)
-            await self._cleanup(worker)
-            how = how or str(exc) or f"no answer in {_START_TIMEOUT_S:g} s"
-            raise _WorkerLost(f"SandboxError: the Python worker failed to start ({how})") from exc
-        for warning in ready.get("warnings") or []:
-            if warning not in self._warned:  # once per executor, not once per session
-                self._warned.add(warning)
-                logger.warning("LocalSandbox: %s", warning)
-        return worker
-
-    async def _recv(self, worker: _Worker) -> dict[str, Any]:
-        try:
-            header = await worker.reader.readexactly(4)
-            size = int.from_bytes(header, "big")
-            if size > self._frame_limit:
-                raise _WorkerLost(f"sent a {size}-byte reply, over the {self._frame_limit}-byte limit", closed=False)
-            message = json.loads(await worker.reader.readexactly(size))
-        except asyncio.IncompleteReadError as exc:
-            raise _WorkerLost("closed its reply pipe") from exc
-        except ValueError as exc:
-            raise _WorkerLost("sent an invalid reply", closed=False) from exc
-        if not isinstance(message, dict):
-            raise _WorkerLost("sent an invalid reply", closed=False)
-        return message
-
-    def _partial_output(self, worker: _Worker) -> tuple[str, str, bool]:
-        """What a killed or crashed cell had printed: the heads of its streams, from the shared mirror."""
-        if worker.mirror_fd is None:
-            return "", "", False
-        data = os.pread(worker.mirror_fd, self._mirror_size, 0)
-        out, err, lost = _worker.read_mirror(data, self.max_output_chars)
-        budget = self.max_output_chars
-        stdout, stderr, cut = _worker.fit(_worker.clip_text(out, budget), _worker.clip_text(err, budget), budget)
-        return stdout, stderr, cut or lost
-
     async def _discard(self, state: _Session) -> None:
         worker, state.worker = state.worker, None
         if worker is not None:
-            _kill(worker.proc)
-            await self._cleanup(worker)
+            self._pool.kill(worker)
+            await self._pool.release(worker)
 
-    async def _cleanup(self, worker: _Worker) -> None:
-        """Release a killed worker: its pipes, its process entry (reaped, no zombie) and its scratch directory."""
-        with contextlib.suppress(Exception):  # e.g. the loop that made them is closed
-            if worker.read_transport is not None:
-                worker.read_transport.close()
-            if worker.write_transport is not None:
-                worker.write_transport.abort()  # drop unsent code rather than wait on a dead reader
-        for file in worker.files:
-            file.close()  # idempotent; covers a start that failed before the transports existed
-        if worker.mirror_fd is not None:
-            os.close(worker.mirror_fd)
-            worker.mirror_fd = None
-        await _reap(worker.proc)
-        self._live.pop(id(worker.proc), None)
-        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, worker.scratch, True)
+    # ---- the zygote ---------------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        """Sessions, locks and the zygote belong to one event loop; a call from another starts afresh."""
+        if self._pool.loop_changed():
+            finalize(self._pool.live)  # kills every process tied to the other (possibly closed) loop
+            self._sessions = {}
+
+    def _zygote_config(self, cgroups: Cgroups) -> dict[str, Any]:
+        return {
+            "isolation": self.isolation,
+            "cgroups": cgroups.procs,
+            "cgroups_detail": cgroups.detail,
+            "preload": self.preload,
+            "preload_optional": self._preload_optional,
+            "hide": [os.getcwd(), os.path.expanduser("~")],  # where a trainer's secrets (.env, keys) live
+            "scratch_mb": self.scratch_mb,
+            "limits": {
+                "as": None if self.memory_mb is None else self.memory_mb * 2**20,
+                "cpu": self._cpu_seconds(),
+                "fsize": _FSIZE_BYTES,
+                "nofile": _NOFILE,
+                "nproc": self.max_processes,
+                "core": 0,
+            },
+            "max_output_chars": self.max_output_chars,
+        }
+
+    def _on_zygote(self, zygote: Zygote) -> None:
+        """Refuse (strict) or warn, loudly and once, about missing layers; pass on the zygote's warnings."""
+        missing = {name: why for name, (active, why) in zygote.layers.items() if not active}
+        listed = "; ".join(f"{name} ({why})" for name, why in missing.items())
+        if missing and self.strict:
+            raise ZygoteLost(f"strict=True and these isolation layers are missing: {listed}")
+        if missing and "layers" not in self._warned:
+            self._warned.add("layers")
+            logger.warning(
+                "LocalSandbox: ISOLATION IS INCOMPLETE on this machine; model-written code runs WITHOUT these "
+                "layers: %s. Run `retool sandbox check` for details.",
+                listed,
+            )
+        for warning in zygote.warnings:
+            if warning not in self._warned:  # once per executor, not once per session
+                self._warned.add(warning)
+                logger.warning("LocalSandbox: %s", warning)
+
+    def _cpu_seconds(self) -> int:
+        return int(max(60, 10 * self.timeout_s))
 
 
-def _worker_env(scratch: str) -> dict[str, str]:
-    """The worker's whole environment: nothing of the trainer's (tokens, keys) leaks into a cell."""
-    # One BLAS/OpenMP thread per session: a trainer runs many sessions at once on a few cores.
-    threads = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    text = {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
-    # TMPDIR too, so that tempfile's files go away with the session.
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, **text, **threads}
-
-
-def _frame(message: dict[str, Any]) -> bytes:
-    data = json.dumps(message).encode("utf-8")  # ASCII escapes: even lone surrogates in the code survive
-    return len(data).to_bytes(4, "big") + data
-
-
-def _make_mirror(size: int) -> int | None:
-    """A memfd for the worker's output heads, or ``None`` where the platform has none (then no partial output)."""
+def missing_layers() -> dict[str, str]:
+    """The isolation layers this machine lacks, ``{layer: why}``, found by probing in a fresh interpreter."""
+    command = [sys.executable, "-I", "-m", "retool_plugins.executors._isolation"]
     try:
-        fd = os.memfd_create("retool-sandbox-output")  # Linux only: AttributeError elsewhere
-    except (AttributeError, OSError):
-        return None
-    os.ftruncate(fd, size)
-    return fd
+        done = subprocess.run(command, capture_output=True, timeout=60, check=True, env=worker_env(), cwd="/")
+        found = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return {"all": f"the probe failed: {exc}"}
+    missing = {name: str(why) for name, (active, why) in found.items() if not active}
+    cgroups = _host.make_cgroups(2**30, enabled=True)
+    if cgroups.folders:
+        cgroups.remove()
+    else:
+        missing["cgroups"] = cgroups.detail
+    return missing
 
 
-def _spawn_task(coro: Any) -> None:
-    task = asyncio.get_running_loop().create_task(coro)
-    _TASKS.add(task)  # a task nobody references can be garbage-collected before it finishes
-    task.add_done_callback(_TASKS.discard)
-
-
-_TASKS: set[asyncio.Task[Any]] = set()
-
-
-def _alive(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether the worker still runs, without reaping it (a reaped pid could be reused, and we kill by pid)."""
-    if proc.returncode is not None:
-        return False
+def _half_the_ram() -> int:
     try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-    except ChildProcessError:
-        return False
-
-
-async def _exit_status(proc: subprocess.Popen[bytes]) -> str | None:
-    """How a worker that closed its pipe ended, after a short wait for it to exit; ``None`` if it still runs."""
-    deadline = time.monotonic() + _EXIT_GRACE_S
-    while _alive(proc):
-        if time.monotonic() > deadline:
-            return None
-        await asyncio.sleep(0.005)
-    _kill(proc)  # its children may live on in its process group
-    await _reap(proc)
-    code = proc.returncode
-    if code is None or code >= 0:
-        return None if code is None else f"exit code {code}"
-    names = {number.value: number.name for number in signal.Signals}
-    return f"killed by signal {names.get(-code, -code)}"
-
-
-async def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """Wait for a killed worker without blocking the loop; a zombie left past the timeout is reaped by Popen."""
-    deadline = time.monotonic() + _REAP_TIMEOUT_S
-    delay = 0.001
-    while proc.poll() is None and time.monotonic() < deadline:
-        await asyncio.sleep(delay)
-        delay = min(2 * delay, 0.05)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the worker, its process group, and its descendants that left the group."""
-    if proc.returncode is not None:
-        return  # already reaped: its pid may belong to another process by now
-    victims = _descendants(proc.pid)
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for pid in (proc.pid, *victims):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _descendants(root: int) -> list[int]:
-    """Pids below ``root`` (Linux /proc; elsewhere none): a cell may start processes in a new session."""
-    children: dict[int, list[int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-            ppid = int(stat.rsplit(b")", 1)[1].split()[1])  # the command name may itself contain ")"
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    found, todo = [], [root]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _kill_all(live: dict[int, tuple[subprocess.Popen[bytes], str]]) -> None:
-    """Finalizer (garbage collection or interpreter exit without ``aclose``): kill, reap and clean up everything."""
-    for proc, scratch in list(live.values()):
-        _kill(proc)
-        with contextlib.suppress(Exception):
-            proc.wait(timeout=2)
-        shutil.rmtree(scratch, ignore_errors=True)
-    live.clear()
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
