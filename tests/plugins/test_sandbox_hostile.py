@@ -293,7 +293,11 @@ def test_daemonized_grandchild_lives_with_its_session_only(box):
         "import os, time\npid = os.fork()\nif pid == 0:\n    os.setsid()\n"
         "    if os.fork() == 0:\n        os.execvp('sleep', ['sleep', '102'])\n"
         "    os._exit(0)\nos.waitpid(pid, 0)\nprint('spawned')",
-        "import time\ntime.sleep(0.1)\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))",
+        "import time\nfor _ in range(500):  # until the daemon runs `sleep`\n"
+        "    if [p for p in os.listdir('/proc') if p.isdigit() and open(f'/proc/{p}/cmdline', 'rb').read() == "
+        "b'sleep\\x00102\\x00']:\n        break\n    time.sleep(0.01)\n"
+        "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))",
+        timeout_s=ENDS_S,
     )
     assert spawned.ok and spawned.stdout == "spawned\n"
     assert len(eval(listed.stdout)) == 3  # init, worker, and the daemon reparented to the init (which reaps it)
@@ -379,6 +383,7 @@ def test_scratch_is_private_writable_and_size_limited(box):
         "import os\nprint(os.listdir('/tmp'))",
         "chunks = 0\ntry:\n    while True:\n        open(f'/tmp/chunk{chunks}', 'wb').write(b'x' * 16 * 2**20)\n"
         "        chunks += 1\nfinally:\n    print(chunks)",
+        timeout_s=ENDS_S,
     )
     assert wrote.stdout == "/tmp ['mine.txt']\n"
     assert box.run("import os\nprint(os.listdir('/tmp'))", session="other")[0].stdout == "[]\n"
@@ -566,8 +571,10 @@ def test_soft_exits_are_errors_and_the_session_goes_on(box, attack, error):
 def test_a_thread_calling_os_exit_after_the_cell_restarts_the_session(box):
     _, started, after = box.run(
         "x = 1",
-        "import os, threading, time\nthreading.Timer(0.05, os._exit, (7,)).start()",
-        "import time\ntime.sleep(0.3)",
+        "import os, threading\ngo = threading.Event()\n"
+        "threading.Thread(target=lambda: (go.wait(), os._exit(7))).start()",
+        "go.set()\nimport time\ntime.sleep(5)",  # the thread, not this cell, ends the worker
+        timeout_s=ENDS_S,
     )
     assert started.ok
     assert_crashed(after, "exit code 7")
@@ -627,6 +634,7 @@ def test_a_forked_child_cannot_speak_for_the_worker(box):
         "import os\npid = os.fork()\nif pid == 0:\n    print('child')\nelse:\n"
         "    os.waitpid(pid, 0)\n    print('parent')",
         "print('next')",
+        timeout_s=ENDS_S,
     )
     assert forked.ok and forked.stdout == "parent\n"  # the child's output and its return stay in the child
     assert after.ok and after.stdout == "next\n" and not after.session_restarted
