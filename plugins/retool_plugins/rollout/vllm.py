@@ -132,7 +132,7 @@ class VLLMRollout(RolloutBackend):
         self.enforce_eager = enforce_eager
         self.enable_prefix_caching = enable_prefix_caching
         self.stop_strings = tuple(stop_strings)
-        self._triggers = {s[-1] for s in self.stop_strings}
+        self._triggers = {s[-1] for s in self.stop_strings}  # only a token holding one can close a cell
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine: Any = None
         self._snapshot: tempfile.TemporaryDirectory[str] | None = None
