@@ -86,3 +86,14 @@ def test_check_class_path_names_the_fix() -> None:
         plugins.check_class_path("reward", "nowhere.module.Reward", found)
     with pytest.raises(PluginError, match="not a subclass"):
         plugins.check_class_path("reward", "retool_plugins.algorithms.grpo.GRPO", found)
+
+
+def test_the_core_never_imports_the_builtin_plugins() -> None:
+    core = Path(__file__).parents[2] / "retool"
+    offenders = [
+        str(path.relative_to(core))
+        for path in core.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if line.lstrip().startswith(("import retool_plugins", "from retool_plugins"))
+    ]
+    assert offenders == []
