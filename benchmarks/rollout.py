@@ -55,11 +55,12 @@ import importlib
 import os
 import platform
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -74,6 +75,7 @@ from retool.rollout.loop import prompt_token_ids
 from retool.testing import EchoExecutor
 from retool.types import ExecutionResult, Problem
 
+T = TypeVar("T")
 CELL = "print(6 * 7)"
 CELL_OUTPUT = "42\n"
 PROBLEMS = [
@@ -245,6 +247,32 @@ def baseline(model: Any, tokenizer: Any, prompts: list[str], plan: Plan, cell_s:
                     time.sleep(cell_s)
                 texts[i] += feedback
     return Measured(time.perf_counter() - start, written)
+
+
+def in_worker_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a fresh thread, as HFRollout's engine runs its model calls.
+
+    Measured on the shared 2-core machine of the docs: under load, the same ``generate()`` ran 3 to 7 times
+    slower in the main thread than in another thread (an 8x576 by 576x1536 matmul: 3-4 ms against 0.18 ms;
+    OpenMP's team barrier in the main thread waits on a descheduled worker; ``OMP_WAIT_POLICY=PASSIVE``
+    or ``OMP_NUM_THREADS=1`` removes most of it). Every timed model call runs in a worker thread, so the
+    columns compare the same conditions.
+    """
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="retool-bench")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 def _generation_eos(model: Any) -> list[int]:
@@ -428,14 +456,15 @@ def profile_decode_ops(model: Any, batch: int, context: int, steps: int, console
     """What one decode forward spends its time on (torch.profiler, self CPU time per op), and how its cost
     grows with the batch.
 
-    torch.profiler does not see the engine's thread, so this replays the engine's decode step here.
+    torch.profiler sees only the thread that starts it, not the engine's, so this replays the engine's
+    decode step in a thread of its own.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    single = decode_steps(model, 1, context, steps)
-    wall = decode_steps(model, batch, context, steps)
+    single = in_worker_thread(decode_steps, model, 1, context, steps)
+    wall = in_worker_thread(decode_steps, model, batch, context, steps)
     prof = profile(activities=[ProfilerActivity.CPU])
-    decode_steps(model, batch, context, steps, prof)
+    in_worker_thread(decode_steps, model, batch, context, steps, prof)  # the profiler starts in that thread
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     table = Table(title=f"Inside a decode forward: batch {batch}, {context}-token cache, {steps} steps")
@@ -544,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up: one short run of each, untimed (for VLLMRollout this also starts its engine).
     torch.manual_seed(args.seed)
     warm = Plan(total=8, cells=1)
-    baseline(model, tokenizer, prompts, warm, 0.0)
+    in_worker_thread(baseline, model, tokenizer, prompts, warm, 0.0)
     hf = scripted_backend(HFRollout, warm, seed=args.seed)
     hf.bind(model, tokenizer)
     backend_run(hf, warm, 0.0)
@@ -571,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 a_runs, b_runs, c_runs = [], [], []
                 for r in range(args.repeats):
                     torch.manual_seed(args.seed + r)
-                    a_runs.append(baseline(model, tokenizer, prompts, plan, seconds))
+                    a_runs.append(in_worker_thread(baseline, model, tokenizer, prompts, plan, seconds))
                     set_plan(hf, plan, args.seed + r)
                     b_runs.append(backend_run(hf, plan, seconds))
                     if vllm is not None:
