@@ -33,6 +33,8 @@ How the work is made identical for all three:
   suppressed. The baseline passes ``min_new_tokens`` = ``max_new_tokens`` and ``suppress_tokens`` = the EOS
   ids to ``generate()``; the wrapped backend returns no EOS ids from ``eos_token_ids()``, so a sampled EOS
   does not end the request.
+* The baseline's ``generate()`` calls run in a worker thread, as HFRollout's engine does (on a loaded
+  machine the main thread measured several times slower; see :func:`in_worker_thread`).
 * Cells are either instant (``EchoExecutor``) or take 200 ms: ``await asyncio.sleep(0.2)`` in the
   executor for (b) and (c), ``time.sleep(0.2)`` per cell in the synchronous baseline.
 
