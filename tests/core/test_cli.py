@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import descendants
 
 from retool.cli import main
 
@@ -140,9 +141,13 @@ def test_plugins_command_lists_kinds(capsys) -> None:
 def test_fit_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
     run_dir = tmp_path / "run"
     path = str(_write(tmp_path, TINY_RECIPE))
+    before = descendants()
     code = main(["fit", "--recipe", path, "--policy.name_or_path", str(tiny_model_dir), "--run_dir", str(run_dir)])
     out = capsys.readouterr().out
     assert code == 0, out
+    # The sandbox's sessions and the reward's checker processes end with the run: a caller that lives on (a
+    # notebook, a sweep driver) inherits nothing.
+    assert descendants() == before
     assert "run directory" in out and str(run_dir) in out
 
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())

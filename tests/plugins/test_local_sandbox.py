@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from processes import descendants
 
 from retool.types import ExecutionResult
 from retool_plugins.executors.local import LocalSandbox
@@ -60,29 +61,6 @@ def child_pids() -> dict[int, str]:
             continue
         if int(fields[1]) == os.getpid():
             found[int(name)] = fields[0].decode()
-    return found
-
-
-def descendants(root: int | None = None) -> dict[int, str]:
-    """Every process below ``root`` (this one by default), zombies included -> its command line."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                parents[int(name)] = int(Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-    found: dict[int, str] = {}
-    todo = [os.getpid() if root is None else root]
-    while todo:
-        parent = todo.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                try:
-                    found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                except OSError:
-                    found[pid] = ""
-                todo.append(pid)
     return found
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from processes import descendants
 
 from retool.types import ExecutionResult
 from retool_plugins.executors.local import LocalSandbox, missing_layers
@@ -36,29 +37,6 @@ def needs(*layers: str) -> pytest.MarkDecorator:
     """Skip unless every layer in ``layers`` is available here; the reason names the missing ones."""
     absent = [f"{name} ({MISSING[name]})" for name in layers if name in MISSING]
     return pytest.mark.skipif(bool(absent), reason=f"needs the isolation layer(s): {', '.join(absent)}")
-
-
-def descendants(root: int | None = None) -> dict[int, str]:
-    """Every process below ``root`` (this one by default), zombies included -> its command line."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                parents[int(name)] = int(Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found: dict[int, str] = {}
-    todo = [os.getpid() if root is None else root]
-    while todo:
-        parent = todo.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                try:
-                    found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                except OSError:
-                    found[pid] = ""
-                todo.append(pid)
-    return found
 
 
 class Box:
