@@ -20,7 +20,7 @@ from retool.rollout import (
     TextOnlyFormat,
     ToolFormat,
 )
-from retool.types import CheckResult, ExecutionResult, Problem, RewardOutput, ToolCall, Trajectory
+from retool.types import CheckResult, ExecutionResult, Problem, RewardOutput, ToolCall, Trace, Trajectory
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,7 @@ __all__ = [
     "TextOnlyFormat",
     "ToolCall",
     "ToolFormat",
+    "Trace",
     "Trajectory",
     "__version__",
     "rollout_metrics",

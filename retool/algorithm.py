@@ -100,7 +100,7 @@ class PolicyBatch:
 
 
 class Algorithm(L.LightningModule, ABC):
-    """Base class of RL algorithms (one training_step is one RL step).
+    """Base class of training algorithms (for RL ones, one training_step is one RL step).
 
     The policy, rollout backend, executor and reward are injected from the recipe's other sections; the
     arguments below are this section's own.
@@ -116,6 +116,12 @@ class Algorithm(L.LightningModule, ABC):
         micro_batch_size: Trajectories per forward/backward pass (gradient accumulation inside a mini-batch);
             lower it to save memory.
         log_samples: Trajectories per step written to the run's ``trajectories.jsonl``.
+        eval_every: Evaluate on the dataset's ``val`` problems every this many steps (0 = only where asked:
+            ``eval_at_start``, the end of the run, ``retool validate``). See :meth:`validation_step`.
+        eval_samples: Besides the greedy pass, sample this many answers per problem at the rollout's
+            temperature and report avg@k (mean accuracy) and pass@k (any correct); 0 = greedy only.
+        eval_at_start: Evaluate once before the first step (the "before" row of a before/after table).
+        eval_batch_size: Problems per evaluation batch (default: the data's ``batch_size``).
         policy: Injected from the recipe's ``policy`` section.
         rollout: Injected from the recipe's ``rollout`` section.
         executor: Injected from the recipe's ``executor`` section.
@@ -133,6 +139,10 @@ class Algorithm(L.LightningModule, ABC):
         mini_batch_size: int | None = None,
         micro_batch_size: int = 4,
         log_samples: int = 4,
+        eval_every: int = 0,
+        eval_samples: int = 0,
+        eval_at_start: bool = False,
+        eval_batch_size: int | None = None,
         policy: Policy | None = None,
         rollout: RolloutBackend | None = None,
         executor: Executor | None = None,
@@ -144,6 +154,10 @@ class Algorithm(L.LightningModule, ABC):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if mini_batch_size is not None and mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}")
+        if eval_every < 0 or eval_samples < 0:
+            raise ValueError(f"eval_every and eval_samples must be >= 0, got {eval_every} and {eval_samples}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 or null, got {eval_batch_size}")
         self.automatic_optimization = False
         self.group_size = group_size
         self.lr = lr
@@ -154,6 +168,14 @@ class Algorithm(L.LightningModule, ABC):
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
         self.log_samples = log_samples
+        self.eval_every = eval_every
+        self.eval_samples = eval_samples
+        self.eval_at_start = eval_at_start
+        self.eval_batch_size = eval_batch_size
+        self.keep_resources_open = False  # set by a caller that runs several stages (validate, fit, validate)
+        self.last_evaluation: dict[str, Any] | None = None
+        self.last_eval_samples: list[dict[str, Any]] = []
+        self._eval: dict[str, list[Any]] = {}
         self.policy = policy if policy is not None else Policy()
         self.rollout = rollout
         self.executor = executor
@@ -162,6 +184,22 @@ class Algorithm(L.LightningModule, ABC):
         self.ref_model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self._shuffle = torch.Generator().manual_seed(0)
+
+    train_on = "problems"
+    """What the training batches hold: ``"problems"`` (RL rolls them out) or ``"traces"`` (supervised)."""
+
+    table_columns: tuple[tuple[str, str, str], ...] = (
+        ("reward", "reward/mean", "{:+.2f}"),
+        ("acc", "reward/correct", "{:.2f}"),
+        ("tokens", "response/model_tokens", "{:.0f}"),
+        ("calls", "tools/calls", "{:.2f}"),
+        ("cell ok", "tools/cell_ok", "{:.2f}"),
+        ("gen s", "time/generate_s", "{:.1f}"),
+        ("tool s", "time/tool_wait_s", "{:.1f}"),
+        ("upd s", "time/update_s", "{:.1f}"),
+        ("tok/s", "perf/generate_tokens_per_s", "{:.0f}"),
+    )
+    """(header, metric key, format) of the row the console prints after each step."""
 
     # ---- what a subclass supplies -------------------------------------------------------------------------
 
@@ -201,6 +239,11 @@ class Algorithm(L.LightningModule, ABC):
         if self.rollout is None or self.reward is None:
             missing = [name for name in ("rollout", "reward") if getattr(self, name) is None]
             raise ValueError(f"{type(self).__name__} needs the recipe section(s) {', '.join(missing)}")
+        if self.eval_samples and self.rollout.temperature == 0:
+            raise ValueError(
+                "eval_samples > 0 samples several answers per problem, but the rollout's temperature is 0 (greedy), "
+                "so they would all be the same; set rollout.init_args.temperature > 0 or eval_samples: 0"
+            )
         if self.rollout.tools and self.executor is None:
             raise ValueError(
                 "the rollout runs code (tools: true) but the recipe has no executor section; add one "
@@ -261,12 +304,89 @@ class Algorithm(L.LightningModule, ABC):
     def teardown(self, stage: str) -> None:
         # Executors hold processes or remote sandboxes, rewards may hold worker processes: free them however
         # the run ends (an in-process caller, a notebook or a test, lives on after fit and must not inherit them).
+        # A caller that chains stages on one module (the CLI: validate, fit, validate) closes them itself at the
+        # end, so that a backend with its own engine is not restarted from stale weights in between.
+        if not self.keep_resources_open:
+            self.close_resources()
+
+    def close_resources(self) -> None:
+        """Close the reward's, the executor's and the rollout backend's resources."""
         if self.reward is not None:
             self.reward.close()
         if self.executor is not None:
             run_sync(self.executor.aclose())
         if self.rollout is not None:
             run_sync(self.rollout.aclose())
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval = {"correct": [], "sampled": [], "trajectories": [], "samples": []}
+
+    def validation_step(self, problems: list[Problem], batch_idx: int) -> None:
+        """Roll out held-out problems once greedily (and ``eval_samples`` times by sampling) and score them.
+
+        The rollout is the training one (same format, budgets, executor), so evaluation measures the policy
+        as RL sees it. Accuracy is the reward's ``correct`` component where it has one, else ``reward > 0``.
+        """
+        if self.rollout is None or self.reward is None:
+            raise RuntimeError(f"evaluation needs a rollout and a reward section in the recipe ({type(self).__name__})")
+        if not self._eval:
+            self.on_validation_epoch_start()
+        prefix = f"e{self.global_rank}s{self.global_step}b{batch_idx}"
+        with self.rollout.sampling(0.0):
+            greedy = self.rollout.rollout(problems, 1, self.executor, session_prefix=f"{prefix}g")
+        scores = self.reward(greedy.trajectories, problems)
+        correct = _correct(scores)
+        self._eval["correct"] += correct
+        self._eval["trajectories"] += greedy.trajectories
+        for problem, trajectory, reward, ok in zip(problems, greedy.trajectories, scores.rewards, correct):
+            self._eval["samples"].append(
+                {
+                    "step": int(self.global_step),
+                    "problem_id": problem.id,
+                    "prompt": problem.prompt,
+                    "answer": problem.answer,
+                    "response": trajectory.response_text,
+                    "reward": reward,
+                    "correct": ok,
+                    "finish_reason": trajectory.finish_reason,
+                    "tool_calls": len(trajectory.tool_calls),
+                }
+            )
+        k = self.eval_samples
+        if k:
+            sampled = self.rollout.rollout(problems, k, self.executor, session_prefix=f"{prefix}k")
+            flags = _correct(self.reward(sampled.trajectories, [p for p in problems for _ in range(k)]))
+            self._eval["sampled"] += [flags[i * k : (i + 1) * k] for i in range(len(problems))]
+
+    def on_validation_epoch_end(self) -> None:
+        correct = self._eval.get("correct", [])
+        if not correct:
+            return
+        paper = rollout_metrics(self._eval["trajectories"])
+        metrics: dict[str, float] = {
+            "eval/accuracy": _mean([float(c) for c in correct]),
+            "eval/problems": float(len(correct)),
+            "eval/code_ratio": paper["tools/code_ratio"],
+            "eval/calls": paper["tools/calls"],
+            "eval/code_lines": paper["tools/code_lines"],
+            "eval/cell_ok": paper["tools/cell_ok"],
+            "eval/last_cell_ok": paper["tools/last_cell_ok"],
+            "eval/first_cell_pos": paper["tools/first_cell_pos"],
+            "eval/response_length": paper["response/length"],
+            "eval/model_tokens": paper["response/model_tokens"],
+        }
+        if self._eval["sampled"]:
+            k = self.eval_samples
+            rows = self._eval["sampled"]
+            metrics[f"eval/avg@{k}"] = _mean([float(sum(r)) / k for r in rows])
+            metrics[f"eval/pass@{k}"] = _mean([float(any(r)) for r in rows])
+            metrics["eval/k"] = float(k)
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(correct))
+        self.last_evaluation = {"step": int(self.global_step), **metrics}
+        self.last_eval_samples = list(self._eval["samples"])
+        self._eval = {}
 
     # ---- the update ---------------------------------------------------------------------------------------
 
@@ -333,11 +453,16 @@ class Algorithm(L.LightningModule, ABC):
         return stats
 
     def sequence_logprobs(
-        self, model: torch.nn.Module, batch: PolicyBatch, with_entropy: bool = False
+        self,
+        model: torch.nn.Module,
+        batch: PolicyBatch,
+        with_entropy: bool = False,
+        temperature: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, R) log-probs of the response tokens (and entropies, zeros unless asked) under ``model``.
 
-        Logits are divided by the rollout temperature so the trainer scores the distribution that sampled.
+        Logits are divided by ``temperature``, by default the rollout's, so the trainer scores the
+        distribution that sampled (supervised training passes 1).
         """
         width = batch.response_width
         device = self.device
@@ -346,7 +471,8 @@ class Algorithm(L.LightningModule, ABC):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1)
         logits = out.logits[:, :-1, :].float()
-        temperature = self.rollout.temperature if self.rollout is not None else 1.0
+        if temperature is None:
+            temperature = self.rollout.temperature if self.rollout is not None else 1.0
         if temperature > 0:
             logits = logits / temperature
         targets = input_ids[:, -width:]
@@ -413,6 +539,13 @@ class Algorithm(L.LightningModule, ABC):
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         return path
+
+
+def _correct(scores: RewardOutput) -> list[bool]:
+    """Per trajectory, whether its answer was right: the reward's ``correct`` component, else reward > 0."""
+    if "correct" in scores.components:
+        return [value > 0 for value in scores.components["correct"]]
+    return [value > 0 for value in scores.rewards]
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-# (header, metric key, format) of the row printed after each step.
+# (header, metric key, format) of the row printed after each step; an algorithm may set its own
+# (``Algorithm.table_columns``: SFT shows its loss instead of rewards).
 COLUMNS: list[tuple[str, str, str]] = [
     ("reward", "reward/mean", "{:+.2f}"),
     ("acc", "reward/correct", "{:.2f}"),
@@ -53,7 +54,8 @@ class StepTable(ProgressBar):
         self._progress: Progress | None = None
         self._task: Any = None
         self._enabled = True
-        self._widths = [max(len(h), 6) for h, _, _ in COLUMNS]
+        self.columns: list[tuple[str, str, str]] = list(COLUMNS)
+        self.evaluations: list[dict[str, Any]] = []
 
     def disable(self) -> None:
         self._enabled = False
@@ -64,6 +66,31 @@ class StepTable(ProgressBar):
     @property
     def is_enabled(self) -> bool:
         return self._enabled and self.trainer.is_global_zero
+
+    @property
+    def _widths(self) -> list[int]:
+        return [max(len(h), 6) for h, _, _ in self.columns]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.columns = list(getattr(pl_module, "table_columns", COLUMNS))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        result = getattr(pl_module, "last_evaluation", None)
+        if not result or (self.evaluations and self.evaluations[-1] is result):
+            return
+        self.evaluations.append(result)
+        if not self.is_enabled:
+            return
+        parts = [f"[bold]eval[/] at step {result['step']}: accuracy {result['eval/accuracy']:.3f}"]
+        parts += [f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith(("eval/avg@", "eval/pass@"))]
+        parts += [
+            f"code ratio {result['eval/code_ratio']:.2f}",
+            f"cell ok {result['eval/cell_ok']:.2f}",
+            f"tokens {result['eval/model_tokens']:.0f}",
+            f"({result['eval/problems']:.0f} problems)",
+        ]
+        console = self._progress.console if self._progress is not None else self.console
+        console.print(", ".join(parts), soft_wrap=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.is_enabled:
@@ -81,7 +108,7 @@ class StepTable(ProgressBar):
         )
         self._progress.start()
         self._task = self._progress.add_task("steps", total=total)
-        header = "  ".join(["step".rjust(5)] + [h.rjust(w) for (h, _, _), w in zip(COLUMNS, self._widths)])
+        header = "  ".join(["step".rjust(5)] + [h.rjust(w) for (h, _, _), w in zip(self.columns, self._widths)])
         self._progress.console.print(f"[bold]{header}", soft_wrap=True)
 
     def on_train_batch_end(
@@ -91,7 +118,7 @@ class StepTable(ProgressBar):
         self.history.append(dict(metrics))
         if not self.is_enabled or self._progress is None:
             return
-        cells = [_fmt(f, metrics.get(key)).rjust(w) for (_, key, f), w in zip(COLUMNS, self._widths)]
+        cells = [_fmt(f, metrics.get(key)).rjust(w) for (_, key, f), w in zip(self.columns, self._widths)]
         self._progress.console.print("  ".join([str(trainer.global_step).rjust(5), *cells]), soft_wrap=True)
         self._progress.update(self._task, completed=trainer.global_step)
 
@@ -112,7 +139,7 @@ class StepTable(ProgressBar):
         table.add_column("metric")
         for name in ("first step", "last step", "mean"):
             table.add_column(name, justify="right")
-        for header, key, fmt in COLUMNS:
+        for header, key, fmt in self.columns:
             values = [h[key] for h in self.history if key in h]
             if not values:
                 continue
@@ -124,15 +151,17 @@ class RunArtifacts(Callback):
     """Writes the run directory's per-step files and exports the policy when the run ends.
 
     Files: ``metrics.jsonl`` (every logged number, one line per step), ``trajectories.jsonl`` (a sample of
-    trajectories per step: prompt, the text with code and interpreter output, reward), and ``policy/`` (the
-    final policy in Hugging Face format). If the run is interrupted (Ctrl-C) or fails after at least one step,
-    the policy as it is at that moment (possibly partway through a step's updates) is exported to
-    ``policy-interrupted/`` so no finished work is lost.
+    trajectories per step: prompt, the text with code and interpreter output, reward), ``evaluation.jsonl``
+    (one line per evaluation on held-out problems) with ``eval_trajectories.jsonl`` (its greedy answers),
+    and ``policy/`` (the final policy in Hugging Face format). If the run is interrupted (Ctrl-C) or fails
+    after at least one step, the policy as it is at that moment (possibly partway through a step's updates)
+    is exported to ``policy-interrupted/`` so no finished work is lost.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.exported: Path | None = None
+        self._last_written: dict[str, Any] | None = None
 
     @rank_zero_only
     def on_train_batch_end(
@@ -145,6 +174,19 @@ class RunArtifacts(Callback):
             f.write(json.dumps({"step": trainer.global_step, **outputs.get("metrics", {})}) + "\n")
         with open(self.run_dir / "trajectories.jsonl", "a", encoding="utf-8") as f:
             for sample in outputs.get("samples", []):
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        result = getattr(pl_module, "last_evaluation", None)
+        if not result or result is self._last_written or trainer.sanity_checking:
+            return
+        self._last_written = result
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "evaluation.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(result) + "\n")
+        with open(self.run_dir / "eval_trajectories.jsonl", "a", encoding="utf-8") as f:
+            for sample in getattr(pl_module, "last_eval_samples", []):
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
     @rank_zero_only

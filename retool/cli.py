@@ -1,5 +1,5 @@
-"""The ``retool`` command: ``retool fit --recipe recipes/X.yaml [--section.key value ...]``, ``retool plugins`` and
-``retool sandbox check``.
+"""The ``retool`` command: ``retool fit --recipe recipes/X.yaml [--section.key value ...]``, ``retool validate``,
+``retool report``, ``retool traces check``, ``retool plugins`` and ``retool sandbox check``.
 
 A recipe is flat, one section per plugin kind; the core wires the sections together (jsonargparse links the
 instantiated policy, rollout, executor and reward into the algorithm), so a user never nests one plugin in
@@ -25,10 +25,14 @@ from retool import plugins as plugin_registry
 from retool.plugins import KINDS, PluginError, PluginInfo
 
 SECTIONS = ["seed_everything", "run_dir", "ckpt_path", "trainer", "policy", *KINDS]
+COMMANDS = ["fit", "validate", "report", "traces", "plugins", "sandbox"]
 USAGE = """usage: retool [-p no:PLUGIN ...] COMMAND ...
 
 commands:
   fit --recipe PATH [--print_config] [--section.key VALUE ...]   train with a recipe
+  validate --recipe PATH [--ckpt_path POLICY_OR_CKPT]            evaluate a policy on the recipe's held-out problems
+  report RUN_DIR [RUN_DIR ...]                                   draw a run's curves, write its trajectories as HTML
+  traces check FILE --executor NAME [--reward NAME]              filter a cold-start set: format, cells, answers
   plugins                                                        list the plugins found
   sandbox check [--executor NAME_OR_CLASS_PATH] [--strict]       show and test the executors' isolation
 
@@ -51,9 +55,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins(blocked)
         if command == "fit":
             return cmd_fit(rest, blocked)
+        if command == "validate":
+            return cmd_validate(rest, blocked)
         if command == "sandbox":
             return cmd_sandbox(rest, blocked)
-        raise ConfigError(f"unknown command {command!r}; commands: fit, plugins, sandbox")
+        if command == "report":
+            from retool.report import main as report_main
+
+            return report_main(rest)
+        if command == "traces":
+            from retool.traces import main as traces_main
+
+            return traces_main(rest)
+        raise ConfigError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     except (ConfigError, PluginError) as exc:
         _error(str(exc))
         return 2
@@ -337,22 +351,28 @@ def _versions(found: Sequence[PluginInfo]) -> dict[str, str]:
     return versions
 
 
-def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) -> int:
+def _stage(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo], command: str) -> Any:
+    """Instantiate a parsed recipe and build its run directory and Trainer (shared by fit and validate)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from rich.console import Console
 
     from retool.callbacks import RunArtifacts, StepTable
-    from retool.policy import PolicyLoadError
 
     console = Console()
     try:
         init = parser.instantiate(cfg)
+        if command == "validate":
+            init.algorithm.eval_at_start = True  # what validate does: an algorithm checks what evaluation needs
         init.algorithm.check_components()
+        has_val = bool(init.data.problems("val")) if _evaluates(init.algorithm) else False
     except Exception as exc:  # a plugin's __init__ rejected a value: show its own message, not the wrapper's
         raise ConfigError(f"invalid recipe value: {_root_cause(exc)}") from None
-    run_dir = Path(cfg.run_dir or Path("runs") / f"{recipe_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if command == "validate" and not has_val:
+        raise ConfigError(f"the data section ({type(init.data).__name__}) has no val problems to evaluate on")
+    default_name = recipe_path.stem if command == "fit" else f"validate-{recipe_path.stem}"
+    run_dir = Path(cfg.run_dir or Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = cfg.clone()
     for key in ("print_config", "recipe"):
@@ -369,7 +389,11 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
     table = StepTable(console)
     artifacts = RunArtifacts(run_dir)
     callbacks += [table, artifacts]
-    if trainer_kwargs.get("enable_checkpointing", True) and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+    if (
+        command == "fit"
+        and trainer_kwargs.get("enable_checkpointing", True)
+        and not any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    ):
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
     if trainer_kwargs.get("logger") in (None, True):
         trainer_kwargs["logger"] = [
@@ -381,11 +405,37 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
         trainer_kwargs["log_every_n_steps"] = 1  # one RL step is expensive: log every one
     trainer_kwargs["enable_progress_bar"] = True
     trainer_kwargs["enable_model_summary"] = False
+    trainer_kwargs["num_sanity_val_steps"] = 0  # evaluation rolls out whole problems: never as a "sanity check"
+    every = init.algorithm.eval_every
+    if has_val and every > 0:  # evaluate every N steps, counted across epochs
+        trainer_kwargs["val_check_interval"] = every
+        trainer_kwargs["check_val_every_n_epoch"] = None
+    elif command == "fit":
+        trainer_kwargs["limit_val_batches"] = 0  # evaluation runs only where the CLI asks (start, end)
     trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
+    return init, trainer, run_dir, table, artifacts, has_val, console
 
+
+def _evaluates(algorithm: Any) -> bool:
+    return bool(getattr(algorithm, "eval_every", 0) or getattr(algorithm, "eval_at_start", False))
+
+
+def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) -> int:
+    from retool.policy import PolicyLoadError
+
+    init, trainer, run_dir, table, artifacts, has_val, console = _stage(parser, cfg, recipe_path, found, "fit")
+    algorithm = init.algorithm
+    # One module goes through up to three stages (evaluate, train, evaluate): its executor, reward workers and
+    # rollout engine stay open across them and are closed once, at the end, however the run ends.
+    algorithm.keep_resources_open = True
     console.print(f"[bold]retool fit[/] {recipe_path} -> run directory [cyan]{run_dir}[/]")
     try:
-        trainer.fit(init.algorithm, datamodule=init.data, ckpt_path=cfg.ckpt_path)
+        if has_val and algorithm.eval_at_start:
+            _validate_limited(trainer, algorithm, init.data)
+        trainer.fit(algorithm, datamodule=init.data, ckpt_path=cfg.ckpt_path)
+        last = table.evaluations[-1]["step"] if table.evaluations else None
+        if has_val and not trainer.interrupted and last != trainer.global_step:
+            _validate_limited(trainer, algorithm, init.data)  # the "after" row of the run
     except PolicyLoadError as exc:
         _error(str(exc))
         return 1
@@ -393,8 +443,12 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
         # Lightning shuts down gracefully on Ctrl-C, then exits; finish our report before we do.
         if not trainer.interrupted:
             raise
+    finally:
+        algorithm.close_resources()
     if table.history:
         console.print(table.summary())
+    if table.evaluations:
+        console.print(_evaluation_table(table.evaluations))
     if trainer.interrupted:
         where = f"; the policy as it was is in {artifacts.exported}" if artifacts.exported else ""
         console.print(f"[yellow]interrupted after {trainer.global_step} steps{where}[/]")
@@ -402,6 +456,96 @@ def _fit(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]) 
         return 130
     if artifacts.exported:
         console.print(f"policy (Hugging Face format): [cyan]{artifacts.exported}[/]")
+    console.print(f"run directory: [cyan]{run_dir}[/]")
+    return 0
+
+
+def _validate_limited(trainer: Any, algorithm: Any, data: Any, ckpt_path: str | None = None) -> None:
+    """``trainer.validate`` over every val problem (a fit may have set ``limit_val_batches`` to 0)."""
+    saved = trainer.limit_val_batches
+    trainer.limit_val_batches = 1.0
+    try:
+        trainer.validate(algorithm, datamodule=data, ckpt_path=ckpt_path, verbose=False)
+    finally:
+        trainer.limit_val_batches = saved
+
+
+def _evaluation_table(rows: Sequence[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="evaluation on held-out problems (greedy)", title_justify="left")
+    sampled = sorted({k for row in rows for k in row if k.startswith(("eval/avg@", "eval/pass@"))})
+    columns = [
+        ("step", "step", "{:d}"),
+        ("accuracy", "eval/accuracy", "{:.3f}"),
+        *[(k[5:], k, "{:.3f}") for k in sampled],
+        ("code ratio", "eval/code_ratio", "{:.2f}"),
+        ("code lines", "eval/code_lines", "{:.1f}"),
+        ("cell ok", "eval/cell_ok", "{:.2f}"),
+        ("last cell ok", "eval/last_cell_ok", "{:.2f}"),
+        ("1st cell pos", "eval/first_cell_pos", "{:.2f}"),
+        ("resp tokens", "eval/response_length", "{:.0f}"),
+    ]
+    for header, _, _ in columns:
+        table.add_column(header, justify="right")
+    for row in rows:
+        cells = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            ok = value is not None and not (isinstance(value, float) and value != value)
+            cells.append(fmt.format(int(value) if fmt == "{:d}" else value) if ok else "-")
+        table.add_row(*cells)
+    return table
+
+
+# ---- retool validate -------------------------------------------------------------------------------------
+
+
+def cmd_validate(args: list[str], blocked: Sequence[str]) -> int:
+    """Evaluate a policy on a recipe's held-out problems: ``retool validate --recipe R [--ckpt_path P]``.
+
+    ``--ckpt_path`` takes a Hugging Face folder (a run's ``policy/``) or a Lightning checkpoint (``.ckpt``);
+    without it the recipe's own policy is evaluated.
+    """
+    from jsonargparse import ArgumentError
+
+    from retool.policy import PolicyLoadError
+
+    found = plugin_registry.discover(blocked)
+    if "-h" in args or "--help" in args:
+        print("usage: retool validate --recipe PATH [--ckpt_path POLICY_DIR_OR_CKPT] [--section.key VALUE ...]")
+        return 0
+    recipe_path = _recipe_path(args)
+    if recipe_path is None:
+        raise ConfigError("retool validate needs --recipe PATH (the recipe that names the data, rollout and reward)")
+    recipe = load_recipe(recipe_path)
+    check_recipe(recipe, args, found)
+    parser = build_parser()
+    try:
+        cfg = parser.parse_args(args)
+    except ArgumentError as exc:
+        raise ConfigError(_clean_jsonargparse_error(str(exc))) from None
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    ckpt = cfg.ckpt_path
+    if ckpt is not None:
+        path = Path(ckpt)
+        if path.is_dir():  # an exported policy: evaluate it as the recipe's policy
+            cfg.policy.name_or_path = str(path)
+            cfg.ckpt_path = ckpt = None
+        elif not path.is_file():
+            raise ConfigError(f"--ckpt_path {ckpt!r} is neither a policy folder nor a checkpoint file")
+    init, trainer, run_dir, table, _, _, console = _stage(parser, cfg, recipe_path, found, "validate")
+    console.print(f"[bold]retool validate[/] {recipe_path} ({cfg.policy.name_or_path}) -> [cyan]{run_dir}[/]")
+    try:
+        _validate_limited(trainer, init.algorithm, init.data, ckpt_path=ckpt)
+    except PolicyLoadError as exc:
+        _error(str(exc))
+        return 1
+    finally:
+        init.algorithm.close_resources()
+    if table.evaluations:
+        console.print(_evaluation_table(table.evaluations))
     console.print(f"run directory: [cyan]{run_dir}[/]")
     return 0
 

@@ -2,18 +2,20 @@
 
 ``ScriptedRollout`` plays back a fixed response text token by token, honouring stops exactly as a real
 backend must, so the core's tool loop can be tested with cells at known places. ``EchoExecutor`` answers
-cells with a fixed function of their code. Neither runs model-written code: they are for tests only.
+cells with a fixed function of their code. ``InMemoryData`` holds problems and traces in lists. None of
+them runs model-written code: they are for tests only.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from retool.data import ProblemDataModule
 from retool.executor import Executor
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend
-from retool.types import ExecutionResult
+from retool.types import ExecutionResult, Problem, Trace
 
 
 class ScriptedRollout(RolloutBackend):
@@ -86,3 +88,35 @@ class EchoExecutor(Executor):
 
     async def aclose(self) -> None:
         pass
+
+
+class InMemoryData(ProblemDataModule):
+    """A dataset held in lists, for tests and notebooks: training problems and/or traces, and val problems.
+
+    Args:
+        train: Training problems (for RL).
+        val: Held-out problems (for evaluation).
+        traces: Training traces (for SFT).
+        batch_size: Items per step.
+        seed: Seed of the shuffling order.
+        shuffle: Shuffle the training items each epoch.
+    """
+
+    def __init__(
+        self,
+        train: Sequence[Problem] = (),
+        val: Sequence[Problem] = (),
+        traces: Sequence[Trace] = (),
+        batch_size: int = 2,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, shuffle=shuffle)
+        self._lists = {"train": list(train), "val": list(val)}
+        self._trace_list = list(traces)
+
+    def load_problems(self, split: str) -> list[Problem]:
+        return self._lists.get(split, [])
+
+    def load_traces(self, split: str) -> list[Trace]:
+        return self._trace_list if split == "train" else []

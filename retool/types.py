@@ -35,6 +35,27 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class Trace:
+    """A worked solution to learn from: one example of supervised (cold-start) fine-tuning data.
+
+    The response is the assistant's whole turn as text, in the rollout's format: for the ReTool format the
+    reasoning, ``<code>`` cells, the ``<interpreter>`` blocks that answered them, and
+    ``<answer>\\boxed{...}</answer>``. Training renders the prompt exactly as a rollout would (the same
+    format, the same chat template) and learns only the tokens the assistant wrote: interpreter blocks, like
+    the prompt, are masked.
+
+    Args:
+        problem: The problem this trace solves (its prompt is rendered by the rollout format).
+        response: The assistant's turn, interpreter blocks included.
+        metadata: Free-form facts (source, family, style ``code``/``text``); logged, never trained on.
+    """
+
+    problem: Problem
+    response: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ExecutionResult:
     """What running one code cell produced.
 

@@ -2,7 +2,7 @@
 
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
 from retool.rollout.format import ReToolFormat, TextOnlyFormat, ToolFormat
-from retool.rollout.loop import prompt_token_ids, rollout_groups, run_trajectory
+from retool.rollout.loop import prompt_token_ids, rollout_groups, run_trajectory, trace_trajectory
 
 __all__ = [
     "Generation",
@@ -15,4 +15,5 @@ __all__ = [
     "prompt_token_ids",
     "rollout_groups",
     "run_trajectory",
+    "trace_trajectory",
 ]

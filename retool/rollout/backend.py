@@ -133,6 +133,20 @@ class RolloutBackend(ABC):
         """Continue ``request.token_ids`` until EOS, ``request.stop`` or ``request.max_new_tokens``."""
 
     @contextlib.contextmanager
+    def sampling(self, temperature: float) -> Iterator[None]:
+        """Decode at ``temperature`` inside the block (0 = greedy), then restore the recipe's setting.
+
+        Evaluation uses it for its greedy pass; a backend reads ``self.temperature`` at each sampling step,
+        so nothing else needs to change.
+        """
+        saved = self.temperature
+        self.temperature = temperature
+        try:
+            yield
+        finally:
+            self.temperature = saved
+
+    @contextlib.contextmanager
     def decoding(self) -> Iterator[None]:
         """Wrap the backend's model compute in this, so that its time is reported as generation time (the
         rest of a rollout's wall time is reported as waiting for tools)."""

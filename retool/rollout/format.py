@@ -17,6 +17,7 @@ from retool.types import ExecutionResult, Problem
 _FENCE_OPEN = re.compile(r"```[ \t]*(?:python|py|python3)[ \t]*\n", re.IGNORECASE)
 _CODE_OPEN = "<code>"
 _CODE_CLOSE = "</code>"
+_INTERPRETER_BLOCK = re.compile(r"\n?<interpreter>.*?</interpreter>\n?", re.DOTALL)
 
 
 class ToolFormat(ABC):
@@ -40,6 +41,14 @@ class ToolFormat(ABC):
     @abstractmethod
     def feedback(self, result: ExecutionResult) -> str:
         """The text appended after a cell: the interpreter's reply as the model will read it."""
+
+    def split_response(self, response: str) -> list[tuple[str, bool]]:
+        """Cut a written-out response into ``(text, written_by_model)`` pieces, in order.
+
+        Supervised training uses it to mask what the model did not write (the interpreter's replies). The
+        pieces concatenate back to ``response``. The default: all of it is the model's.
+        """
+        return [(response, True)] if response else []
 
 
 def _last_cell_start(segment: str) -> tuple[int, bool] | None:
@@ -141,6 +150,20 @@ class ReToolFormat(ToolFormat):
                 return None
             body = body[:end]
         return body.strip("\n")
+
+    def split_response(self, response: str) -> list[tuple[str, bool]]:
+        # An interpreter block, with the newline before and after it that feedback() adds in a rollout, is
+        # not the model's: the same tokens a rollout would have appended are masked in training.
+        pieces: list[tuple[str, bool]] = []
+        pos = 0
+        for match in _INTERPRETER_BLOCK.finditer(response):
+            if match.start() > pos:
+                pieces.append((response[pos : match.start()], True))
+            pieces.append((match.group(0), False))
+            pos = match.end()
+        if pos < len(response):
+            pieces.append((response[pos:], True))
+        return pieces
 
     def feedback(self, result: ExecutionResult) -> str:
         parts = [result.stdout.rstrip("\n")] if result.stdout.strip() else []

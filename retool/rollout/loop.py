@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from retool.rollout.backend import GenerationRequest
-from retool.types import ExecutionResult, FinishReason, Problem, ToolCall, Trajectory
+from retool.types import ExecutionResult, FinishReason, Problem, ToolCall, Trace, Trajectory
 
 if TYPE_CHECKING:
     from retool.executor import Executor
@@ -30,6 +30,45 @@ def prompt_token_ids(backend: RolloutBackend, problem: Problem) -> list[int]:
     else:  # a bare tokenizer (tiny test models): plain text with role headers
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def trace_trajectory(backend: RolloutBackend, trace: Trace, max_length: int | None = None) -> Trajectory:
+    """A written-out solution as the :class:`Trajectory` a rollout would have produced, for supervised training.
+
+    The prompt is rendered exactly as :func:`prompt_token_ids` renders it for a rollout (same format, same
+    chat template), so SFT and RL see the same tokens. The response is cut by the format into the model's
+    pieces and the interpreter's replies; each piece is tokenized on its own, as a rollout appends the
+    interpreter's reply as separately tokenized text, and only the model's pieces (and the end-of-turn token
+    that closes the response) get ``loss_mask`` 1. ``max_length`` cuts the sequence (``finish_reason`` is
+    then ``"length"``).
+    """
+    tokenizer = backend.tokenizer
+    prompt_ids = prompt_token_ids(backend, trace.problem)
+    token_ids, loss_mask = list(prompt_ids), [0] * len(prompt_ids)
+    model_text: list[str] = []
+    for text, by_model in backend.format.split_response(trace.response):
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        token_ids += ids
+        loss_mask += [int(by_model)] * len(ids)
+        if by_model:
+            model_text.append(text)
+    if tokenizer.eos_token_id is not None:  # the model must learn to end its turn
+        token_ids.append(int(tokenizer.eos_token_id))
+        loss_mask.append(1)
+    finish: FinishReason = "eos"
+    if max_length is not None and len(token_ids) > max_length:
+        token_ids, loss_mask, finish = token_ids[:max_length], loss_mask[:max_length], "length"
+    return Trajectory(
+        problem_id=trace.problem.id,
+        group=0,
+        token_ids=token_ids,
+        loss_mask=loss_mask,
+        prompt_len=min(len(prompt_ids), len(token_ids)),
+        prompt_text=tokenizer.decode(prompt_ids, skip_special_tokens=False),
+        response_text=trace.response,
+        model_text="".join(model_text),
+        finish_reason=finish,
+    )
 
 
 async def run_trajectory(
