@@ -18,10 +18,11 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
       finds the last cell's pass rate rising during RL: the model learns to end on working code).
     * ``tools/timeouts``: share of cells stopped by the time limit.
     * ``tools/code_ratio``: share of trajectories with at least one cell (the paper's "code ratio").
-    * ``tools/code_lines``: non-blank lines per cell (the paper's "code lines").
-    * ``tools/first_cell_pos``: among trajectories with a cell, where the first cell ends, as the share of
-      the model's tokens written before it (0 = at the start of the response, 1 = at its end; the paper's
-      "code invocation timing": RL moves it earlier).
+    * ``tools/code_lines``: among trajectories with a cell, non-blank lines of code per response (the
+      paper's "code lines").
+    * ``tools/first_cell_pos``: among trajectories with a cell, where the first cell's code begins, as a
+      share of the model-written text (0 = at the start of the response, 1 = at its end; the paper's "code
+      invocation timing": RL moves it earlier).
     * ``finish/<reason>``: share of trajectories that ended for each reason.
     """
     n = max(len(trajectories), 1)
@@ -36,9 +37,7 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
         "tools/timeouts": _share(call.result.timed_out for call in cells),
         "tools/code_ratio": len(with_cells) / n,
         "tools/code_lines": (
-            sum(sum(1 for line in call.code.splitlines() if line.strip()) for call in cells) / len(cells)
-            if cells
-            else 0.0
+            sum(_lines(call.code) for t in with_cells for call in t.tool_calls) / len(with_cells) if with_cells else 0.0
         ),
         "tools/first_cell_pos": (
             sum(_first_cell_position(t) for t in with_cells) / len(with_cells) if with_cells else float("nan")
@@ -54,7 +53,15 @@ def _share(flags: Sequence[bool] | object) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _lines(code: str) -> int:
+    return sum(1 for line in code.splitlines() if line.strip())
+
+
 def _first_cell_position(trajectory: Trajectory) -> float:
-    """Share of the model's tokens written before the first interpreter block."""
-    before = sum(trajectory.loss_mask[trajectory.prompt_len : trajectory.tool_calls[0].token_start])
-    return before / max(trajectory.num_model_tokens, 1)
+    """Where the first cell's code starts in the model-written text, as a share of that text's length."""
+    text = trajectory.model_text
+    where = text.find(trajectory.tool_calls[0].code) if trajectory.tool_calls[0].code else -1
+    if where < 0:  # code the format normalized: fall back to the model tokens written before its reply
+        before = sum(trajectory.loss_mask[trajectory.prompt_len : trajectory.tool_calls[0].token_start])
+        return before / max(trajectory.num_model_tokens, 1)
+    return where / max(len(text), 1)

@@ -78,3 +78,28 @@ def test_text_only_format_has_no_tools() -> None:
     assert "<code>" not in content and "\\boxed" in content and content.endswith("Problem: What is 2+2?")
     assert not fmt.cell_closed("```python\nprint(1)\n```\n</code>")
     assert fmt.extract_code("<code>print(1)</code>") is None
+
+
+def test_split_response_masks_each_interpreter_block_with_its_newlines() -> None:
+    from retool.rollout.format import ReToolFormat
+
+    text = (
+        "a<code>\n```python\nprint(1)\n```\n</code>\n<interpreter>\n1\n</interpreter>\nb\n<interpreter>x</interpreter>c"
+    )
+    pieces = ReToolFormat().split_response(text)
+    assert "".join(p for p, _ in pieces) == text
+    assert pieces == [
+        ("a<code>\n```python\nprint(1)\n```\n</code>", True),
+        ("\n<interpreter>\n1\n</interpreter>\n", False),
+        ("b", True),
+        ("\n<interpreter>x</interpreter>", False),
+        ("c", True),
+    ]
+
+
+def test_split_response_keeps_an_unclosed_block_as_model_text() -> None:
+    from retool.rollout.format import ReToolFormat, TextOnlyFormat
+
+    assert ReToolFormat().split_response("x <interpreter> never closed") == [("x <interpreter> never closed", True)]
+    assert TextOnlyFormat().split_response("<interpreter>1</interpreter>") == [("<interpreter>1</interpreter>", True)]
+    assert ReToolFormat().split_response("") == []

@@ -1,0 +1,443 @@
+"""Cold-start traces from a file: worked solutions (interpreter blocks included) to fine-tune on before RL."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from retool.data import ProblemDataModule
+from retool.types import Problem, Trace
+from retool_plugins.rewards.math_answer import extract_boxed_answer
+
+LAYOUTS = ("fields", "messages", "retool-sft")
+RETOOL_SFT_MARKER = "*user question:*"
+"""In the published ReTool cold-start set, the question follows this marker in the user message."""
+
+_MISSING = object()
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# The ReTool-SFT prompt ends with a reminder of the answer format after the question; our format has its own.
+_REMINDER = re.compile(r"\n\s*Remember to place the final answer in the last part\b.*\Z", re.DOTALL | re.IGNORECASE)
+_TOOL_ROLES = ("tool", "ipython", "function")
+
+
+def _absent(value: Any) -> bool:
+    return value is _MISSING or value is None
+
+
+def _get(row: dict[str, Any], field: str) -> Any:
+    """``row[field]``; a dotted ``field`` (``"meta.question"``) walks into nested objects, a key with a dot wins."""
+    if field in row:
+        return row[field]
+    value: Any = row
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _without(row: dict[str, Any], fields: list[str | None]) -> dict[str, Any]:
+    """A copy of ``row`` without ``fields`` (dotted ones too), dropping the nested objects that end up empty."""
+
+    def drop(obj: dict[str, Any], field: str) -> dict[str, Any]:
+        if field in obj:
+            return {k: v for k, v in obj.items() if k != field}
+        head, _, rest = field.partition(".")
+        if rest and isinstance(obj.get(head), dict):
+            inner = drop(obj[head], rest)
+            return {k: v for k, v in obj.items() if k != head} | ({head: inner} if inner else {})
+        return obj
+
+    out = dict(row)
+    for field in fields:
+        if field is not None:
+            out = drop(out, field)
+    return out
+
+
+def _missing_field(where: str, row: dict[str, Any], field: str, argument: str) -> ValueError:
+    return ValueError(
+        f"{where}: no {field!r} field, or it is null (this row has keys {sorted(row)}); set {argument} to the key "
+        "that holds it (dotted for a nested one, e.g. 'meta.question'), or pick another layout "
+        f"({', '.join(LAYOUTS)})"
+    )
+
+
+def retool_sft_question(user_message: str) -> str | None:
+    """The bare question in a ReTool-SFT user message, or ``None`` when the message has no question marker.
+
+    The message is the ReTool prompt template: tool instructions, the marker ``*user question:*``, the
+    question, and a reminder of the answer format. The instructions, the marker, the reminder and any
+    ``<answer>``/``</answer>`` tags are removed.
+    """
+    at = user_message.find(RETOOL_SFT_MARKER)
+    if at < 0:
+        return None
+    question = _REMINDER.sub("", user_message[at + len(RETOOL_SFT_MARKER) :])
+    return question.replace("<answer>", "").replace("</answer>", "").strip()
+
+
+class TraceFile(ProblemDataModule):
+    """Cold-start (SFT) traces read from a file, a saved dataset or the Hugging Face Hub.
+
+    Each row is one worked solution: a question and the assistant's whole turn in the ReTool text format
+    (reasoning, ``<code>`` cells, the ``<interpreter>`` blocks that answered them, and the final
+    ``<answer>\\boxed{...}</answer>``). The prompt is the bare question: training wraps it in the rollout's
+    format, as a rollout would. The rows are read when they are first needed, so a recipe can be checked on a
+    machine that does not have the data.
+
+    ``path`` may be a ``.jsonl`` file (one JSON object a line), a ``.parquet`` file, a folder written by
+    ``datasets``' ``save_to_disk`` or downloaded from the hub (``hf download --repo-type dataset ORG/NAME
+    --local-dir DIR``), or a hub dataset id ``"ORG/NAME"`` (read with ``datasets.load_dataset``; that needs
+    network access). Parquet needs ``pyarrow`` and the dataset forms need ``datasets``: ``pip install
+    'retool[data]'``.
+
+    Layouts (``layout``):
+
+    * ``fields``: the question, the response, and optionally the answer are columns (``prompt_field``,
+      ``response_field``, ``answer_field``). A row without the answer gets the answer ``""``.
+    * ``messages``: a chat, a list of ``{"role", "content"}`` objects under ``messages_field``. The first user
+      message is the prompt (a later user turn is ignored, as are system messages), the last assistant message
+      is the response; it must hold the whole trace, interpreter blocks included (a chat with ``tool``
+      messages is refused). The answer is ``answer_field`` when the row has it, else ``""``.
+    * ``retool-sft``: the published ReTool cold-start set (``JoeYing/ReTool-SFT``): ``messages`` is
+      ``[user, assistant]``, the user message is the ReTool prompt template with the question after
+      ``*user question:*``. The prompt is that question alone; the set has no gold answer, so the answer is the
+      trace's own last ``\\boxed{}`` (unless the row has ``answer_field``) and the problem's and the trace's
+      metadata say ``{"answer_from": "trace"}``.
+
+    Splits: ``load_traces("train")`` is every trace but the last ``num_val``; ``load_traces("val")`` the last
+    ``num_val``. The held-out problems never appear in training: a training trace with the id or the prompt
+    of a held-out one is dropped. ``load_problems(split)`` is the problems of that split's traces (one per
+    id), so RL and evaluation can run on the same file, except that ``val_path`` replaces the ``val`` problems
+    with a JSON-lines file of problems.
+
+    Args:
+        path: The traces: a ``.jsonl`` or ``.parquet`` file, a dataset folder, or a hub id ``"ORG/NAME"``.
+        batch_size: Traces per SFT step (problems per RL step when the problems are used).
+        seed: Seed of the shuffling order.
+        shuffle: Shuffle the training items each epoch.
+        layout: How a row holds its trace: ``"fields"``, ``"messages"`` or ``"retool-sft"`` (see above, and the
+            docs page "Cold-start data").
+        split: The split of a dataset folder or hub dataset that holds the traces (ignored for files).
+        prompt_field: Key of the question (layout ``fields``).
+        response_field: Key of the response, the whole trace (layout ``fields``).
+        answer_field: Key of the ground-truth answer; optional in every layout (a row without it gets ``""``,
+            or in layout ``retool-sft`` the answer in its trace).
+        id_field: Key of a problem id; where it is ``None`` or a row lacks it, the id is
+            ``"{file stem}-{row number}"``. Traces may share an id (several solutions of one problem).
+        messages_field: Key of the chat (layouts ``messages`` and ``retool-sft``).
+        num_val: Hold out the last this many traces as the ``val`` split (after ``limit``).
+        val_path: A JSON-lines file of problems used as the ``val`` problems instead of the held-out ones;
+            ``None`` for none.
+        val_prompt_field: Key of the question in ``val_path``'s rows.
+        val_answer_field: Key of the answer in ``val_path``'s rows.
+        limit: Read at most this many rows of ``path`` (``None`` for all).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 2,
+        seed: int = 0,
+        shuffle: bool = True,
+        layout: Literal["fields", "messages", "retool-sft"] = "fields",
+        split: str = "train",
+        prompt_field: str = "prompt",
+        response_field: str = "response",
+        answer_field: str | None = "answer",
+        id_field: str | None = "id",
+        messages_field: str = "messages",
+        num_val: int = 0,
+        val_path: str | None = None,
+        val_prompt_field: str = "prompt",
+        val_answer_field: str = "answer",
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, shuffle=shuffle)
+        if layout not in LAYOUTS:
+            raise ValueError(f"TraceFile layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}")
+        if num_val < 0:
+            raise ValueError(f"TraceFile num_val must be >= 0, got {num_val}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"TraceFile limit must be >= 1 or None, got {limit}")
+        self.path = path
+        self.layout = layout
+        self.split = split
+        self.prompt_field = prompt_field
+        self.response_field = response_field
+        self.answer_field = answer_field
+        self.id_field = id_field
+        self.messages_field = messages_field
+        self.num_val = num_val
+        self.val_path = val_path
+        self.val_prompt_field = val_prompt_field
+        self.val_answer_field = val_answer_field
+        self.limit = limit
+        self._loaded: dict[str, tuple[list[Trace], list[dict[str, Any]]]] | None = None
+
+    # ---- the contract ----------------------------------------------------------------------------------------
+
+    def load_traces(self, split: str) -> list[Trace]:
+        return list(self._split(split)[0])
+
+    def load_problems(self, split: str) -> list[Problem]:
+        if split == "val" and self.val_path is not None:
+            return self._val_problems()
+        seen: set[str] = set()
+        problems = []
+        for trace in self._split(split)[0]:
+            if trace.problem.id not in seen:
+                seen.add(trace.problem.id)
+                problems.append(trace.problem)
+        return problems
+
+    def rows(self, split: str = "train") -> list[dict[str, Any]]:
+        """The rows of ``split`` as read from the source, in the order of :meth:`load_traces` (one per trace)."""
+        return list(self._split(split)[1])
+
+    # ---- splits ----------------------------------------------------------------------------------------------
+
+    def _split(self, split: str) -> tuple[list[Trace], list[dict[str, Any]]]:
+        if split not in ("train", "val"):
+            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+        if self._loaded is None:
+            pairs = [(self._trace(row, number), row) for number, row in self._read_rows()]
+            if self.num_val and self.num_val >= len(pairs):
+                raise ValueError(
+                    f"TraceFile num_val={self.num_val} leaves no training traces: {self.path} has {len(pairs)} "
+                    "(after limit); lower num_val"
+                )
+            cut = len(pairs) - self.num_val
+            held_out = pairs[cut:]
+            ids = {t.problem.id for t, _ in held_out}
+            prompts = {t.problem.prompt for t, _ in held_out}
+            train = [(t, r) for t, r in pairs[:cut] if t.problem.id not in ids and t.problem.prompt not in prompts]
+            self._loaded = {
+                "train": ([t for t, _ in train], [r for _, r in train]),
+                "val": ([t for t, _ in held_out], [r for _, r in held_out]),
+            }
+        return self._loaded[split]
+
+    # ---- reading the source ----------------------------------------------------------------------------------
+
+    def _read_rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(row number, row)`` for each row of ``path`` (1-based; for JSON lines, the line number)."""
+        source = Path(self.path).expanduser()
+        if source.is_file():
+            suffix = source.suffix.lower()
+            if suffix in _JSONL_SUFFIXES:
+                rows: Iterator[tuple[int, dict[str, Any]]] = _jsonl_rows(source, str(self.path))
+            elif suffix == ".parquet":
+                rows = enumerate(_parquet_rows(source, self.limit), start=1)
+            else:
+                raise ValueError(
+                    f"TraceFile path={self.path!r} is a {suffix or 'suffix-less'} file; use a .jsonl or .parquet file, "
+                    "a dataset folder, or a hub dataset id 'ORG/NAME'"
+                )
+        elif source.is_dir():
+            rows = enumerate(self._dataset_rows(source), start=1)
+        elif _HUB_ID.fullmatch(str(self.path)) and not str(self.path).lower().endswith((*_JSONL_SUFFIXES, ".parquet")):
+            rows = enumerate(self._hub_rows(), start=1)
+        else:
+            raise FileNotFoundError(
+                f"TraceFile path={self.path!r} ({source.resolve()}) does not exist; it must be an existing .jsonl or "
+                ".parquet file, a dataset folder, or a Hugging Face Hub dataset id 'ORG/NAME'"
+            )
+        for count, (number, row) in enumerate(rows):
+            if self.limit is not None and count >= self.limit:
+                return
+            yield number, row
+
+    def _dataset_rows(self, folder: Path) -> list[dict[str, Any]]:
+        datasets = _import_datasets()
+        if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+            data = datasets.load_from_disk(str(folder))  # written by save_to_disk
+            if isinstance(data, datasets.DatasetDict):
+                if self.split not in data:
+                    raise ValueError(
+                        f"TraceFile path={self.path!r} has no split {self.split!r}; set split to one of {sorted(data)}"
+                    )
+                data = data[self.split]
+        else:  # a folder of data files, as `hf download` writes it
+            try:
+                data = datasets.load_dataset(str(folder), split=self.split)
+            except ValueError as error:
+                raise ValueError(f"TraceFile path={self.path!r}: {error} (set split)") from None
+        return _head(data, self.limit)
+
+    def _hub_rows(self) -> list[dict[str, Any]]:
+        datasets = _import_datasets()
+        try:
+            data = datasets.load_dataset(str(self.path), split=self.split)
+        except Exception as error:
+            raise ValueError(
+                f"TraceFile path={self.path!r} is no local file or folder, so it was read as a Hugging Face Hub "
+                f"dataset id, and loading it failed ({type(error).__name__}: {error}). If the hub is unreachable from "
+                f"this machine, download the dataset where it is reachable (hf download --repo-type dataset "
+                f"{self.path} --local-dir DIR), copy it here and pass the local path (path=DIR, or one of its "
+                ".parquet/.jsonl files)"
+            ) from None
+        return _head(data, self.limit)
+
+    def _val_problems(self) -> list[Problem]:
+        assert self.val_path is not None
+        file = Path(self.val_path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"TraceFile val_path={self.val_path!r} ({file.resolve()}) does not exist; it must be a JSON-lines file "
+                "of problems, one object a line"
+            )
+        problems = []
+        for number, row in _jsonl_rows(file, self.val_path):
+            where = f"{self.val_path}, row {number}"
+            prompt, answer = _get(row, self.val_prompt_field), _get(row, self.val_answer_field)
+            for field, value, argument in (
+                (self.val_prompt_field, prompt, "val_prompt_field"),
+                (self.val_answer_field, answer, "val_answer_field"),
+            ):
+                if _absent(value):
+                    raise _missing_field(where, row, field, argument)
+            problem_id = _MISSING if self.id_field is None else _get(row, self.id_field)
+            problems.append(
+                Problem(
+                    id=f"{file.stem}-{number}" if _absent(problem_id) else str(problem_id),
+                    prompt=_text(prompt, where, self.val_prompt_field),
+                    answer=_answer_text(answer, where, self.val_answer_field),
+                    metadata=_without(row, [self.val_prompt_field, self.val_answer_field, self.id_field]),
+                )
+            )
+        return problems
+
+    # ---- one row -> one trace --------------------------------------------------------------------------------
+
+    def _trace(self, row: dict[str, Any], number: int) -> Trace:
+        where = f"{self.path}, row {number}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+        answer = _MISSING if self.answer_field is None else _get(row, self.answer_field)
+        answer_text = "" if _absent(answer) else _answer_text(answer, where, str(self.answer_field))
+        metadata: dict[str, Any] = {}
+        if self.layout == "fields":
+            prompt, response = _get(row, self.prompt_field), _get(row, self.response_field)
+            for field, value, argument in (
+                (self.prompt_field, prompt, "prompt_field"),
+                (self.response_field, response, "response_field"),
+            ):
+                if _absent(value):
+                    raise _missing_field(where, row, field, argument)
+            prompt = _text(prompt, where, self.prompt_field)
+            response = _text(response, where, self.response_field)
+            used = [self.prompt_field, self.response_field]
+        else:
+            prompt, response = self._from_messages(row, where)
+            used = [self.messages_field]
+            if self.layout == "retool-sft":
+                question = retool_sft_question(prompt)
+                if question is None:
+                    raise ValueError(
+                        f"{where}: the user message has no {RETOOL_SFT_MARKER!r} marker, so it is not in the "
+                        "ReTool-SFT layout; use layout='messages' for plain chats"
+                    )
+                prompt = question
+                if _absent(answer):
+                    answer_text = extract_boxed_answer(response) or ""
+                    metadata["answer_from"] = "trace"
+        problem_id = _MISSING if self.id_field is None else _get(row, self.id_field)
+        stem = Path(str(self.path)).stem
+        problem = Problem(
+            id=f"{stem}-{number}" if _absent(problem_id) else str(problem_id),
+            prompt=prompt,
+            answer=answer_text,
+            metadata=_without(row, [*used, self.answer_field, self.id_field]) | metadata,
+        )
+        return Trace(problem=problem, response=response, metadata={"source": str(self.path), "row": number} | metadata)
+
+    def _from_messages(self, row: dict[str, Any], where: str) -> tuple[str, str]:
+        """(first user message, last assistant message) of the row's chat."""
+        messages = _get(row, self.messages_field)
+        if _absent(messages):
+            raise _missing_field(where, row, self.messages_field, "messages_field")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ValueError(
+                f"{where}: {self.messages_field!r} must be a list of {{'role': ..., 'content': ...}} objects with "
+                "text content"
+            )
+        roles = [m["role"] for m in messages]
+        if any(role in _TOOL_ROLES for role in roles):
+            raise ValueError(
+                f"{where}: the chat has tool messages (roles {roles}); this layout wants the whole trace in one "
+                "assistant message, with the interpreter's replies as <interpreter> blocks"
+            )
+        if "user" not in roles:
+            raise ValueError(f"{where}: the chat has no user message (roles {roles})")
+        first_user = roles.index("user")
+        if "assistant" not in roles[first_user + 1 :]:
+            raise ValueError(f"{where}: the chat has no assistant message after its first user message (roles {roles})")
+        last_assistant = len(roles) - 1 - roles[::-1].index("assistant")
+        return messages[first_user]["content"], messages[last_assistant]["content"]
+
+
+# ---- sources --------------------------------------------------------------------------------------------------
+
+
+def _jsonl_rows(file: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    with file.open(encoding="utf-8-sig") as lines:  # -sig: tolerate a byte-order mark
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{shown}, row {number}: not valid JSON ({error.msg}); each line must hold one JSON object"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{shown}, row {number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
+def _parquet_rows(file: Path, limit: int | None) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"reading {file} needs pyarrow: pip install 'retool[data]'") from None
+    table = pq.read_table(file)
+    if limit is not None:
+        table = table.slice(0, limit)
+    return table.to_pylist()
+
+
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            "reading a dataset folder or a hub dataset needs the datasets package: pip install 'retool[data]'"
+        ) from None
+    return datasets
+
+
+def _head(data: Any, limit: int | None) -> list[dict[str, Any]]:
+    if limit is not None and limit < len(data):
+        data = data.select(range(limit))
+    return data.to_list()
+
+
+def _text(value: Any, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {field!r} must be text, got {type(value).__name__}")
+    return value
+
+
+def _answer_text(value: Any, where: str, field: str) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError(f"{where}: {field!r} must be text or a number, got {type(value).__name__}")
+    return str(value)
