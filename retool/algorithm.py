@@ -116,8 +116,9 @@ class Algorithm(L.LightningModule, ABC):
         micro_batch_size: Trajectories per forward/backward pass (gradient accumulation inside a mini-batch);
             lower it to save memory.
         log_samples: Trajectories per step written to the run's ``trajectories.jsonl``.
-        eval_every: Evaluate on the dataset's ``val`` problems every this many steps (0 = only where asked:
-            ``eval_at_start``, the end of the run, ``retool validate``). See :meth:`validation_step`.
+        eval_every: Evaluate on the dataset's ``val`` problems every this many steps. A run that evaluates at
+            all (``eval_every > 0`` or ``eval_at_start``) also evaluates at its end; with both off, only
+            ``retool validate`` does. See :meth:`validation_step`.
         eval_samples: Besides the greedy pass, sample this many answers per problem at the rollout's
             temperature and report avg@k (mean accuracy) and pass@k (any correct); 0 = greedy only.
         eval_at_start: Evaluate once before the first step (the "before" row of a before/after table).

@@ -30,13 +30,13 @@ _CODE["first_cell_pos"] = "first-cell position"
 TRAINING_PANELS: list[Panel] = [
     ("reward and accuracy", [("reward/mean", "reward"), ("reward/correct", "accuracy")]),
     ("code use (0-1)", [(f"tools/{key}", label) for key, label in _CODE.items()]),
-    ("cells", [("tools/calls", "cells per response"), ("tools/code_lines", "lines per cell")]),
+    ("cells", [("tools/calls", "cells per response"), ("tools/code_lines", "code lines per response")]),
     ("response length (tokens)", [("response/length", "with interpreter"), ("response/model_tokens", "model")]),
 ]
 SFT_PANELS: list[Panel] = [("loss", [("train/loss", "loss")]), ("gradient norm", [("train/grad_norm", "grad norm")])]
 EVAL_PANELS: list[Panel] = [
     ("code use (0-1)", [(f"eval/{key}", label) for key, label in _CODE.items()]),
-    ("lines per cell", [("eval/code_lines", "code lines")]),
+    ("code lines per response", [("eval/code_lines", "code lines")]),
     ("response length (tokens)", [("eval/response_length", "with interpreter"), ("eval/model_tokens", "model")]),
 ]
 # A response's parts, highlighted in the page: code cells (tagged, or a bare python fence), interpreter replies,

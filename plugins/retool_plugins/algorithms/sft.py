@@ -41,7 +41,7 @@ class SFT(Algorithm):
         max_length: Cut each rendered trace to this many tokens (prompt included); ``None`` for no limit.
         warmup_steps: Linear learning-rate warm-up over this many steps (0 = none).
         log_samples: Kept for the common interface; SFT writes no trajectory samples.
-        eval_every: Evaluate every this many steps (0 = only at the start/end and in ``retool validate``).
+        eval_every: Evaluate every this many steps; a run that evaluates at all also does at its end.
         eval_samples: Sampled answers per problem for avg@k / pass@k (0 = greedy only).
         eval_at_start: Evaluate once before the first step.
         eval_batch_size: Problems per evaluation batch.
