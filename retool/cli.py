@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "traces":
             from retool.traces import main as traces_main
 
-            return traces_main(rest)
+            return traces_main(rest, blocked)
         raise ConfigError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     except (ConfigError, PluginError) as exc:
         _error(str(exc))

@@ -330,18 +330,34 @@ def _print_run(console: Any, run: dict[str, Any], paths: list[Path]) -> None:
 
 
 def _print_comparison(console: Any, runs: list[dict[str, Any]]) -> None:
+    """Every evaluation of every run, in the order the runs were given, with the paper's metrics.
+
+    For the stages of one pipeline (``retool report runs/x/sft runs/x/grpo``) the rows read as the
+    before/after table: the SFT run's step 0 (before SFT), its last evaluation (after SFT), the RL run's last
+    (after RL).
+    """
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="runs compared (greedy evaluation accuracy)", title_justify="left")
-    for header in ("run", "first eval step", "first accuracy", "last eval step", "last accuracy"):
-        table.add_column(header, justify="left" if header == "run" else "right")
-    for run in runs:
-        points = series(run["evaluation"], "eval/accuracy") or [(None, None)]
-        (s0, a0), (s1, a1) = points[0], points[-1]
-        table.add_row(
-            escape(run["name"]), _fmt(s0, "{:.0f}"), _fmt(a0, "{:.3f}"), _fmt(s1, "{:.0f}"), _fmt(a1, "{:.3f}")
-        )
+    rows = [(run, row) for run in runs for row in sorted(run["evaluation"], key=lambda r: _number(r.get("step")) or 0)]
+    sampled = sorted({k for _, row in rows for k in row if k.startswith(("eval/avg@", "eval/pass@"))})
+    columns = [("accuracy", "eval/accuracy", "{:.3f}"), *[(k[5:], k, "{:.3f}") for k in sampled]]
+    columns += [
+        ("code ratio", "eval/code_ratio", "{:.2f}"),
+        ("code lines", "eval/code_lines", "{:.1f}"),
+        ("cell ok", "eval/cell_ok", "{:.2f}"),
+        ("last cell ok", "eval/last_cell_ok", "{:.2f}"),
+        ("1st cell pos", "eval/first_cell_pos", "{:.2f}"),
+        ("resp tokens", "eval/response_length", "{:.0f}"),
+    ]
+    table = Table(title="held-out evaluations across the runs (greedy; in the order given)", title_justify="left")
+    table.add_column("run")
+    table.add_column("step", justify="right")
+    for header, _, _ in columns:
+        table.add_column(header, justify="right")
+    for run, row in rows:
+        cells = [_fmt(row.get(key), fmt) for _, key, fmt in columns]
+        table.add_row(escape(run["name"]), _fmt(row.get("step"), "{:.0f}"), *cells)
     console.print(table)
 
 

@@ -513,7 +513,7 @@ def _default_out(file: str) -> Path:
     return Path(f"{file.rstrip('/').rpartition('/')[2]}.kept.jsonl")  # a hub id: in the current folder
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], blocked: Sequence[str] = ()) -> int:
     """``retool traces check FILE --executor NAME ...``: check a cold-start set and write the traces it keeps.
 
     Returns 0 when the check ran (whatever it dropped), 2 on a usage, data or plugin error, 1 when the
@@ -535,7 +535,7 @@ def main(argv: list[str]) -> int:
     reward: Any = None
     try:
         options = _parse_args(args[1:])
-        found = discover()
+        found = discover(blocked)
         executor_cls = _plugin("executor", options["executor"], found)
         reward_cls = _plugin("reward", options["reward"], found) if options.get("reward") else None
         data_cls = _plugin("data", "TraceFile", found)

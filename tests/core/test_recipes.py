@@ -10,14 +10,17 @@ from retool import Algorithm, ProblemDataModule
 from retool.cli import build_parser, check_recipe, load_recipe
 from retool.plugins import discover
 
-RECIPES = sorted((Path(__file__).parents[2] / "recipes").rglob("*.yaml"))
+ROOT = Path(__file__).parents[2] / "recipes"
+RECIPES = sorted(ROOT.rglob("*.yaml"))
 
 
 def test_there_are_recipes() -> None:
-    assert any(p.name == "quickstart.yaml" for p in RECIPES)
+    names = {str(p.relative_to(ROOT)) for p in RECIPES}
+    assert {"quickstart/sft.yaml", "quickstart/grpo.yaml"} <= names
+    assert {f"mini-retool/{arm}-{stage}.yaml" for arm in ("code", "text") for stage in ("sft", "rl")} <= names
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
 def test_recipe_instantiates(path: Path) -> None:
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), "a recipe starts with a comment: what it reproduces, hardware, the command"

@@ -134,11 +134,15 @@ def test_several_runs_print_a_comparison(sft_run: Path, rl_run: Path, tmp_path: 
     assert_png(tmp_path / "cmp" / "sft" / "evaluation.png")
     assert_png(tmp_path / "cmp" / "grpo" / "evaluation.png")
     out = capsys.readouterr().out
-    comparison = out[out.index("runs compared") :]
-    sft_line = next(line for line in comparison.splitlines() if " sft " in line)
-    grpo_line = next(line for line in comparison.splitlines() if " grpo " in line)
-    assert "0.062" in sft_line and "0.250" in sft_line  # before SFT / after SFT
-    assert "0.125" in grpo_line and "0.375" in grpo_line  # before RL / after RL
+    comparison = out[out.index("held-out evaluations across the runs") :]
+    rows = [line.split() for line in comparison.splitlines() if " sft " in line or " grpo " in line]
+    # Every evaluation, in the order the runs were given: the stages of a pipeline read top to bottom.
+    assert [(r[1], r[3], r[5]) for r in rows] == [
+        ("sft", "0", "0.062"),  # before SFT
+        ("sft", "4", "0.250"),  # after SFT
+        ("grpo", "0", "0.125"),
+        ("grpo", "3", "0.375"),  # after RL
+    ]
 
 
 def test_partial_last_line_is_skipped_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -258,3 +258,54 @@ def test_validate_without_val_problems_or_checkpoint_says_why(tiny_model_dir: Pa
     path.write_text(yaml.safe_dump(recipe))
     assert main(["validate", "--recipe", str(path), "--ckpt_path", str(tmp_path / "nope")]) == 2
     assert "neither a policy folder nor a checkpoint" in capsys.readouterr().err
+
+
+def test_validate_from_a_lightning_checkpoint(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    recipe = json.loads(json.dumps(SFT_RECIPE))
+    recipe["data"]["class_path"] = f"{__name__}.TinyTraces"
+    recipe["trainer"].update({"enable_checkpointing": True, "max_epochs": 1})
+    recipe["algorithm"]["init_args"].update({"eval_every": 0, "eval_at_start": False, "lr": 5e-2})
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = tmp_path / "sft"
+    assert (
+        main(["fit", "--recipe", str(path), "--policy.name_or_path", str(tiny_model_dir), "--run_dir", str(run_dir)])
+        == 0
+    )
+    assert not (run_dir / "evaluation.jsonl").exists()  # it never evaluates unless asked
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    capsys.readouterr()
+
+    # The checkpoint's weights, not the recipe's initial policy, are what gets evaluated.
+    import lightning as L
+
+    from retool.policy import Policy
+
+    class Spy(L.Callback):
+        def on_validation_start(self, trainer, module):  # type: ignore[no-untyped-def]
+            trained = Policy(name_or_path=str(run_dir / "policy")).load_model()
+            for a, b in zip(module.model.parameters(), trained.parameters()):
+                assert torch.equal(a.detach().cpu(), b.detach())
+            seen.append(True)
+
+    seen: list[bool] = []
+    recipe["trainer"]["callbacks"] = [{"class_path": f"{__name__}.SpyHolder"}]
+    SpyHolder.instance = Spy()
+    path.write_text(yaml.safe_dump(recipe))
+    val_dir = tmp_path / "val"
+    args = ["validate", "--recipe", str(path), "--policy.name_or_path", str(tiny_model_dir)]
+    assert main([*args, "--ckpt_path", str(ckpt), "--run_dir", str(val_dir)]) == 0, capsys.readouterr().out
+    assert seen == [True]
+    (row,) = [json.loads(line) for line in (val_dir / "evaluation.jsonl").read_text().splitlines()]
+    assert row["eval/problems"] == 4
+
+
+class SpyHolder(L.Callback):
+    """Forwards to a callback set by the test (a recipe can only name a class)."""
+
+    instance: L.Callback | None = None
+
+    def on_validation_start(self, trainer, module):  # type: ignore[no-untyped-def]
+        assert self.instance is not None
+        self.instance.on_validation_start(trainer, module)

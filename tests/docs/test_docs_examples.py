@@ -115,7 +115,7 @@ def test_the_pages_testing_example_passes(examples: Callable[[str], ModuleType],
 def test_the_recipe_lines_select_the_example_reward(
     concise: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart" / "grpo.yaml").read_text())
     recipe.update(yaml.safe_load((EXAMPLES / "concise_reward.yaml").read_text()))
     path = tmp_path / "concise.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -126,7 +126,7 @@ def test_the_recipe_lines_select_the_example_reward(
         "init_args": {"token_budget": 150, "penalty": 0.002},
     }
     # The same class from the command line, with an override of one option.
-    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    quickstart = str(ROOT / "recipes" / "quickstart" / "grpo.yaml")
     args = ["fit", "--recipe", quickstart, "--reward", "concise_reward.ConciseMathReward"]
     assert main([*args, "--reward.init_args.token_budget", "99", "--print_config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["reward"]["init_args"]["token_budget"] == 99
