@@ -309,3 +309,17 @@ class SpyHolder(L.Callback):
     def on_validation_start(self, trainer, module):  # type: ignore[no-untyped-def]
         assert self.instance is not None
         self.instance.on_validation_start(trainer, module)
+
+
+def test_sft_on_a_dataset_without_traces_fails_before_loading_weights(tmp_path: Path, capsys) -> None:
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"prompt": "What is 6*7?", "answer": 42}) + "\n")
+    recipe = json.loads(json.dumps(SFT_RECIPE))
+    recipe["data"] = {"class_path": "JsonlProblems", "init_args": {"path": str(problems)}}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    # The policy does not exist: reaching the model would fail differently. The data check comes first.
+    code = main(["fit", "--recipe", str(path), "--policy.name_or_path", str(tmp_path / "no-model")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "JsonlProblems has no traces" in err and "TraceFile" in err
