@@ -135,6 +135,13 @@ def plot_curves(
     return _draw([("", series)], path, title, xlabel, ylabel)
 
 
+def plot_panels(
+    panels: list[tuple[str, dict[str, Points]]], path: str | Path, title: str, *, xlabel: str = "step"
+) -> Path | None:
+    """Like :func:`plot_curves`, with one axes per ``(panel title, curves)``; empty panels are left out."""
+    return _draw(panels, path, title, xlabel)
+
+
 def _draw(
     panels: list[tuple[str, dict[str, Points]]], path: str | Path, title: str, xlabel: str = "step", ylabel: str = ""
 ) -> Path | None:

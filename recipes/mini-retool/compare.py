@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from retool.report import load_run, plot_curves
+from retool.report import load_run, plot_curves, plot_panels
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("text", "code")
@@ -66,13 +67,17 @@ def fit(recipe: Path, run_dir: Path, *overrides: str) -> None:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std; an undefined metric (NaN: e.g. the first cell's position with no cells) stays NaN."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(out: Path, seeds: list[int], rl_steps: int) -> dict[str, Any]:
     results: dict[str, Any] = {"seeds": seeds, "rl_steps": rl_steps, "arms": {}}
     accuracy: dict[str, list[tuple[int, float, float]]] = {}
-    paper: dict[str, list[tuple[int, float, float]]] = {}
+    paper: dict[str, dict[str, list[tuple[int, float, float]]]] = {label: {} for _, label in PAPER}
     reward: dict[str, list[tuple[int, float, float]]] = {}
     for arm in ARMS:
         sft = load_run(out / f"{arm}-sft")["evaluation"]
@@ -102,20 +107,21 @@ def summarize(out: Path, seeds: list[int], rl_steps: int) -> dict[str, Any]:
             curve.append((step, *mean_std(values)))
         accuracy[f"{arm} (SFT then RL)"] = curve
         accuracy[f"{arm}: before SFT"] = [(0, before["eval/accuracy"]), (rl_steps, before["eval/accuracy"])]
-        for key, label in PAPER[:4]:
+        for key, label in PAPER:
             points = [(0, float(after_sft.get(key, float("nan"))), 0.0)]
             for step in steps:
                 values = [
                     float(row.get(key, float("nan"))) for run in rls for row in run["evaluation"] if row["step"] == step
                 ]
                 points.append((step, *mean_std(values)))
-            paper[f"{arm}: {label}"] = points
+            paper[label][arm] = points
         reward[arm] = [
             (step, *mean_std([row["reward/mean"] for run in rls for row in run["metrics"] if row["step"] == step]))
             for step in range(1, rl_steps + 1)
         ]
     plot_curves(accuracy, out / "accuracy.png", "held-out greedy accuracy (mean ± std over seeds)", xlabel="RL step")
-    plot_curves(paper, out / "paper_metrics.png", "the paper's metrics on held-out problems", xlabel="RL step")
+    panels = list(paper.items())
+    plot_panels(panels, out / "paper_metrics.png", "the paper's metrics on held-out problems", xlabel="RL step")
     plot_curves(reward, out / "reward.png", "training reward (mean ± std over seeds)", xlabel="RL step")
     return results
 
