@@ -229,6 +229,12 @@ class Algorithm(L.LightningModule, ABC):
         """Whether a frozen copy of the initial policy is kept (for a KL term)."""
         return False
 
+    def needs_entropy_grad(self) -> bool:
+        """Whether :meth:`loss` puts the entropy in the loss, so it must carry a gradient (an entropy
+        bonus). ``False`` (the default) computes it without one: it is only logged, and the graph of a
+        softmax over the whole vocabulary at every position costs memory."""
+        return False
+
     # ---- Lightning hooks ----------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
@@ -430,7 +436,9 @@ class Algorithm(L.LightningModule, ABC):
             token_count = batch.response_mask[index].sum().clamp(min=1.0)
             for micro in index.split(self.micro_batch_size):
                 part = batch.select(micro)
-                logprobs, entropy = self.sequence_logprobs(self.model, part, with_entropy=True)
+                logprobs, entropy = self.sequence_logprobs(
+                    self.model, part, with_entropy=True, entropy_grad=self.needs_entropy_grad()
+                )
                 if on_policy and part.sampler_logprobs is not None:  # the trainer's view before any update
                     gap = (logprobs.detach().float().cpu() - part.sampler_logprobs).abs() * part.response_mask
                     sums["train/sampler_logprob_diff"] = sums.get("train/sampler_logprob_diff", 0.0) + float(gap.sum())
@@ -459,6 +467,7 @@ class Algorithm(L.LightningModule, ABC):
         batch: PolicyBatch,
         with_entropy: bool = False,
         temperature: float | None = None,
+        entropy_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, R) log-probs of the response tokens (and entropies, zeros unless asked) under ``model``.
 
@@ -480,7 +489,7 @@ class Algorithm(L.LightningModule, ABC):
         log_norm = torch.logsumexp(logits, dim=-1)
         logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - log_norm
         if with_entropy:
-            with torch.no_grad():
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 probs = torch.softmax(logits, dim=-1)
                 entropy = log_norm - (probs * logits).sum(-1)
         else:

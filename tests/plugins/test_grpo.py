@@ -83,3 +83,34 @@ def test_invalid_options_are_rejected() -> None:
         GRPO(group_size=1)
     with pytest.raises(ValueError, match=">= 0"):
         GRPO(clip_low=-0.1)
+
+
+def test_an_entropy_bonus_trains_even_when_every_advantage_is_zero(tiny_model_dir) -> None:
+    from retool.policy import Policy
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 6))
+    batch = PolicyBatch(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        response_mask=torch.ones(2, 4),
+        rewards=torch.zeros(2),
+        advantages=torch.zeros(2, 4),  # equal rewards: no policy-gradient signal at all
+    )
+    with_bonus = GRPO(group_size=2, entropy_coef=0.1, policy=Policy(name_or_path=str(tiny_model_dir)))
+    with_bonus.configure_model()
+    assert with_bonus.has_signal(batch) and with_bonus.needs_entropy_grad()
+    logprobs, entropy = with_bonus.sequence_logprobs(
+        with_bonus.model, batch, with_entropy=True, entropy_grad=with_bonus.needs_entropy_grad()
+    )
+    loss, stats = with_bonus.loss(batch, logprobs, entropy, batch.response_mask.sum())
+    loss.backward()
+    grads = [p.grad for p in with_bonus.model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)  # the bonus reaches the weights
+    assert torch.isclose(loss, -0.1 * entropy.detach().mean(), atol=1e-6)
+    assert not stats["train/entropy"].requires_grad
+
+    plain = GRPO(group_size=2, policy=Policy(name_or_path=str(tiny_model_dir)))
+    plain.configure_model()
+    _, entropy = plain.sequence_logprobs(plain.model, batch, with_entropy=True, entropy_grad=plain.needs_entropy_grad())
+    assert not plain.needs_entropy_grad() and not entropy.requires_grad  # logged only: no graph kept

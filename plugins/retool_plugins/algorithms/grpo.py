@@ -55,6 +55,9 @@ class GRPO(Algorithm):
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
 
+    def needs_entropy_grad(self) -> bool:
+        return self.entropy_coef != 0
+
     def has_signal(self, batch: PolicyBatch) -> bool:
         # The KL and entropy terms have gradients even when every advantage is zero.
         return super().has_signal(batch) or self.kl_coef > 0 or self.entropy_coef != 0
@@ -79,7 +82,7 @@ class GRPO(Algorithm):
         stats: dict[str, torch.Tensor] = {
             "train/policy_loss": (per_token.detach() * mask).sum(),
             "train/clip_frac": (is_clipped * mask).sum(),
-            "train/entropy": (entropy * mask).sum(),
+            "train/entropy": (entropy.detach() * mask).sum(),
             "train/ratio": (ratio.detach() * mask).sum(),
         }
         if self.entropy_coef:
