@@ -25,6 +25,7 @@ import lightning as L
 import torch
 
 from retool._async import run_sync
+from retool.callbacks import COLUMNS
 from retool.executor import Executor
 from retool.metrics import rollout_metrics
 from retool.policy import Policy
@@ -189,17 +190,7 @@ class Algorithm(L.LightningModule, ABC):
     train_on = "problems"
     """What the training batches hold: ``"problems"`` (RL rolls them out) or ``"traces"`` (supervised)."""
 
-    table_columns: tuple[tuple[str, str, str], ...] = (
-        ("reward", "reward/mean", "{:+.2f}"),
-        ("acc", "reward/correct", "{:.2f}"),
-        ("tokens", "response/model_tokens", "{:.0f}"),
-        ("calls", "tools/calls", "{:.2f}"),
-        ("cell ok", "tools/cell_ok", "{:.2f}"),
-        ("gen s", "time/generate_s", "{:.1f}"),
-        ("tool s", "time/tool_wait_s", "{:.1f}"),
-        ("upd s", "time/update_s", "{:.1f}"),
-        ("tok/s", "perf/generate_tokens_per_s", "{:.0f}"),
-    )
+    table_columns: tuple[tuple[str, str, str], ...] = tuple(COLUMNS)
     """(header, metric key, format) of the row the console prints after each step."""
 
     # ---- what a subclass supplies -------------------------------------------------------------------------

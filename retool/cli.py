@@ -478,19 +478,10 @@ def _validate_limited(trainer: Any, algorithm: Any, data: Any, ckpt_path: str | 
 def _evaluation_table(rows: Sequence[dict[str, Any]]) -> Any:
     from rich.table import Table
 
+    from retool.report import eval_columns
+
     table = Table(title="evaluation on held-out problems (greedy)", title_justify="left")
-    sampled = sorted({k for row in rows for k in row if k.startswith(("eval/avg@", "eval/pass@"))})
-    columns = [
-        ("step", "step", "{:d}"),
-        ("accuracy", "eval/accuracy", "{:.3f}"),
-        *[(k[5:], k, "{:.3f}") for k in sampled],
-        ("code ratio", "eval/code_ratio", "{:.2f}"),
-        ("code lines", "eval/code_lines", "{:.1f}"),
-        ("cell ok", "eval/cell_ok", "{:.2f}"),
-        ("last cell ok", "eval/last_cell_ok", "{:.2f}"),
-        ("1st cell pos", "eval/first_cell_pos", "{:.2f}"),
-        ("resp tokens", "eval/response_length", "{:.0f}"),
-    ]
+    columns = [("step", "step", "{:d}"), *eval_columns(rows)]
     for header, _, _ in columns:
         table.add_column(header, justify="right")
     for row in rows:

@@ -336,6 +336,21 @@ def _print_run(console: Any, run: dict[str, Any], paths: list[Path]) -> None:
         console.print(f"wrote {path}", markup=False, soft_wrap=True)
 
 
+def eval_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(header, key, format) of an evaluation table: accuracy, the avg@k / pass@k present, the paper's metrics."""
+    sampled = sorted({k for row in rows for k in row if k.startswith(("eval/avg@", "eval/pass@"))})
+    return [
+        ("accuracy", "eval/accuracy", "{:.3f}"),
+        *[(k[5:], k, "{:.3f}") for k in sampled],
+        ("code ratio", "eval/code_ratio", "{:.2f}"),
+        ("code lines", "eval/code_lines", "{:.1f}"),
+        ("cell ok", "eval/cell_ok", "{:.2f}"),
+        ("last cell ok", "eval/last_cell_ok", "{:.2f}"),
+        ("1st cell pos", "eval/first_cell_pos", "{:.2f}"),
+        ("resp tokens", "eval/response_length", "{:.0f}"),
+    ]
+
+
 def _print_comparison(console: Any, runs: list[dict[str, Any]]) -> None:
     """Every evaluation of every run, in the order the runs were given, with the paper's metrics.
 
@@ -347,16 +362,7 @@ def _print_comparison(console: Any, runs: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     rows = [(run, row) for run in runs for row in sorted(run["evaluation"], key=lambda r: _number(r.get("step")) or 0)]
-    sampled = sorted({k for _, row in rows for k in row if k.startswith(("eval/avg@", "eval/pass@"))})
-    columns = [("accuracy", "eval/accuracy", "{:.3f}"), *[(k[5:], k, "{:.3f}") for k in sampled]]
-    columns += [
-        ("code ratio", "eval/code_ratio", "{:.2f}"),
-        ("code lines", "eval/code_lines", "{:.1f}"),
-        ("cell ok", "eval/cell_ok", "{:.2f}"),
-        ("last cell ok", "eval/last_cell_ok", "{:.2f}"),
-        ("1st cell pos", "eval/first_cell_pos", "{:.2f}"),
-        ("resp tokens", "eval/response_length", "{:.0f}"),
-    ]
+    columns = eval_columns([row for _, row in rows])
     table = Table(title="held-out evaluations across the runs (greedy; in the order given)", title_justify="left")
     table.add_column("run")
     table.add_column("step", justify="right")

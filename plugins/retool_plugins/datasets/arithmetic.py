@@ -55,6 +55,16 @@ FAMILIES: dict[str, Callable[[random.Random, int], _Question]] = {
 """The problem families by name; each draws one question with a given number of digits."""
 
 
+def take_turns(families: list[str], total: int, draw: Callable[[str, int], list[Problem]]) -> list[Problem]:
+    """``total`` problems, the families taking turns; ``draw(family, count)`` gives one family's stream.
+
+    A family's problems depend only on its own stream, so adding a family never changes another's.
+    """
+    counts = {f: len(range(i, total, len(families))) for i, f in enumerate(families)}
+    streams = {f: iter(draw(f, counts[f])) for f in families}
+    return [next(streams[families[i % len(families)]]) for i in range(total)]
+
+
 class ArithmeticProblems(ProblemDataModule):
     """Seeded arithmetic problems where running code helps: big products, modular powers, sums of series.
 
@@ -109,10 +119,7 @@ class ArithmeticProblems(ProblemDataModule):
 
     def _generate(self) -> list[Problem]:
         """All ``num_train + num_val`` problems: families take turns, each drawing from its own seeded stream."""
-        total = self.num_train + self.num_val
-        counts = {f: len(range(i, total, len(self.families))) for i, f in enumerate(self.families)}
-        streams = {f: iter(self._family(f, counts[f])) for f in self.families}
-        return [next(streams[self.families[i % len(self.families)]]) for i in range(total)]
+        return take_turns(self.families, self.num_train + self.num_val, self._family)
 
     def _family(self, family: str, count: int) -> list[Problem]:
         # A string seed: the stream of one family depends on nothing but the seed and the digit range.

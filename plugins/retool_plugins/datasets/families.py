@@ -19,6 +19,7 @@ from typing import Any, Literal
 from retool.data import ProblemDataModule
 from retool.rollout.format import ReToolFormat
 from retool.types import ExecutionResult, Problem, Trace
+from retool_plugins.datasets.arithmetic import take_turns
 
 # One question: (prompt, exact integer answer, extra metadata: its kind and the numbers it was drawn from).
 _Question = tuple[str, int, dict[str, Any]]
@@ -673,10 +674,7 @@ class MathFamilies(ProblemDataModule):
 
     def _generate(self) -> list[Problem]:
         """All ``num_train + num_val`` problems: families take turns, each drawing from its own seeded stream."""
-        total = self.num_train + self.num_val
-        counts = {f: len(range(i, total, len(self.families))) for i, f in enumerate(self.families)}
-        streams = {f: iter(self._family(f, counts[f])) for f in self.families}
-        return [next(streams[self.families[i % len(self.families)]]) for i in range(total)]
+        return take_turns(self.families, self.num_train + self.num_val, self._family)
 
     def _family(self, family: str, count: int) -> list[Problem]:
         # A string seed: the stream of one family depends on nothing but the seed and the level range.

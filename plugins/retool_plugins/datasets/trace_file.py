@@ -10,13 +10,13 @@ from typing import Any, Literal
 
 from retool.data import ProblemDataModule
 from retool.types import Problem, Trace
+from retool_plugins.datasets.jsonl import _MISSING, _get
 from retool_plugins.rewards.math_answer import extract_boxed_answer
 
 LAYOUTS = ("fields", "messages", "retool-sft")
 RETOOL_SFT_MARKER = "*user question:*"
 """In the published ReTool cold-start set, the question follows this marker in the user message."""
 
-_MISSING = object()
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # The ReTool-SFT prompt ends with a reminder of the answer format after the question; our format has its own.
@@ -26,18 +26,6 @@ _TOOL_ROLES = ("tool", "ipython", "function")
 
 def _absent(value: Any) -> bool:
     return value is _MISSING or value is None
-
-
-def _get(row: dict[str, Any], field: str) -> Any:
-    """``row[field]``; a dotted ``field`` (``"meta.question"``) walks into nested objects, a key with a dot wins."""
-    if field in row:
-        return row[field]
-    value: Any = row
-    for part in field.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
 
 
 def _without(row: dict[str, Any], fields: list[str | None]) -> dict[str, Any]:
