@@ -303,6 +303,45 @@ def _clean_jsonargparse_error(message: str) -> str:
     return text[:1500]
 
 
+def _parse_error(message: str, recipe: dict[str, Any], args: Sequence[str], found: Sequence[PluginInfo]) -> str:
+    return _unknown_option(message, recipe, args, found) or _clean_jsonargparse_error(message)
+
+
+def _unknown_option(
+    message: str, recipe: dict[str, Any], args: Sequence[str], found: Sequence[PluginInfo]
+) -> str | None:
+    """For a misspelled plugin option (``--data.init_args.trace_famlies``), the nearest real one and the list."""
+    import inspect
+    import re
+
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    section = re.search(r'Parser key "([a-z_]+)"', message)
+    if option is None or section is None or section.group(1) not in KINDS:
+        return None
+    kind, name = section.group(1), option.group(1)
+    chosen = recipe.get(kind)
+    class_path = chosen.get("class_path") if isinstance(chosen, dict) else chosen
+    for i, arg in enumerate(args):  # a class chosen on the command line wins
+        key, _, value = arg.partition("=")
+        if key in (f"--{kind}", f"--{kind}.class_path"):
+            class_path = value or (args[i + 1] if i + 1 < len(args) else class_path)
+    cls = next((p.cls for p in found if p.kind == kind and class_path in (p.name, p.class_path)), None)
+    if cls is None:
+        return None
+    accepted: list[str] = []
+    for klass in cls.__mro__:  # a plugin that passes **kwargs on accepts its bases' options too
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        accepted += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    accepted = list(dict.fromkeys(a for a in accepted if a not in ("policy", "rollout", "executor", "reward")))
+    near = difflib.get_close_matches(name, accepted, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"{kind} {cls.__name__} has no option {name!r}{hint} its options: {', '.join(accepted)}"
+
+
 def _root_cause(exc: BaseException) -> str:
     """The innermost exception's message (jsonargparse wraps a constructor's ValueError in its own errors)."""
     while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
@@ -333,7 +372,9 @@ def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
     try:
         cfg = parser.parse_args(args)  # --print_config (jsonargparse's own) prints and exits here
     except ArgumentError as exc:
-        raise ConfigError(_clean_jsonargparse_error(str(exc))) from None
+        raise ConfigError(
+            _unknown_option(str(exc), recipe, args, found) or _clean_jsonargparse_error(str(exc))
+        ) from None
     except SystemExit as exc:
         return int(exc.code or 0)
     return _fit(parser, cfg, recipe_path, found)
@@ -520,7 +561,7 @@ def cmd_validate(args: list[str], blocked: Sequence[str]) -> int:
     try:
         cfg = parser.parse_args(args)
     except ArgumentError as exc:
-        raise ConfigError(_clean_jsonargparse_error(str(exc))) from None
+        raise ConfigError(_parse_error(str(exc), recipe, args, found)) from None
     except SystemExit as exc:
         return int(exc.code or 0)
     ckpt = cfg.ckpt_path

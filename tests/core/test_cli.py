@@ -90,7 +90,24 @@ def test_wrong_type_and_unknown_key(tmp_path: Path, capsys) -> None:
     path = str(_write(tmp_path, TINY_RECIPE))
     _fails(["fit", "--recipe", path, "--algorithm.init_args.group_size", "many"], capsys, "group_size")
     recipe = {**TINY_RECIPE, "algorithm": {"class_path": "GRPO", "init_args": {"grup_size": 4}}}
-    _fails(["fit", "--recipe", str(_write(tmp_path, recipe, "r2.yaml"))], capsys, "grup_size")
+    # A misspelled option, in the recipe or on the command line: the nearest real one, and the list.
+    _fails(
+        ["fit", "--recipe", str(_write(tmp_path, recipe, "r2.yaml"))],
+        capsys,
+        "algorithm GRPO has no option 'grup_size'; did you mean 'group_size'?",
+        "clip_high",  # GRPO's own options ...
+        "eval_every",  # ... and those it passes on to the Algorithm base
+    )
+    _fails(
+        ["fit", "--recipe", path, "--data.init_args.batch_sise", "4"],
+        capsys,
+        "data JsonlProblems has no option 'batch_sise'; did you mean 'batch_size'?",
+    )
+    _fails(
+        ["validate", "--recipe", path, "--executor.init_args.timeout", "4"],
+        capsys,
+        "executor LocalSandbox has no option 'timeout'; did you mean 'timeout_s'?",
+    )
     _fails(
         ["fit", "--recipe", str(_write(tmp_path, {**TINY_RECIPE, "trainr": {}}, "r3.yaml"))],
         capsys,
