@@ -7,6 +7,7 @@ left. A test that needs an isolation layer is skipped, naming it, where this mac
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import secrets
@@ -21,6 +22,7 @@ import pytest
 from processes import descendants
 
 from retool.types import ExecutionResult
+from retool_plugins.executors._isolation import SCRATCH, exposed_paths, hidden_folders
 from retool_plugins.executors.local import LocalSandbox, missing_layers
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the isolation layers are Linux's")
@@ -363,9 +365,21 @@ def test_scratch_is_private_writable_and_size_limited(box):
         "        chunks += 1\nfinally:\n    print(chunks)",
         timeout_s=ENDS_S,
     )
-    assert wrote.stdout == "/tmp ['mine.txt']\n"
-    assert box.run("import os\nprint(os.listdir('/tmp'))", session="other")[0].stdout == "[]\n"
-    assert other.stdout == "['mine.txt']\n"
+    # Where this checkout lives under /tmp (a clone in /tmp/x), the interpreter's folders are re-exposed, read-only,
+    # inside the scratch, so the first folder of their path shows there; nothing else may.
+    exposed = sorted(
+        {
+            os.path.relpath(p, SCRATCH).split(os.sep)[0]
+            for p in exposed_paths(hidden_folders([]))
+            if p.startswith("/tmp/")
+        }
+    )
+    assert wrote.stdout.startswith("/tmp ") and sorted(ast.literal_eval(wrote.stdout[5:])) == sorted(
+        ["mine.txt", *exposed]
+    )
+    empty = box.run("import os\nprint(os.listdir('/tmp'))", session="other")[0].stdout
+    assert sorted(ast.literal_eval(empty)) == exposed
+    assert sorted(ast.literal_eval(other.stdout)) == sorted(["mine.txt", *exposed])
     assert full.error == "OSError: [Errno 28] No space left on device"
     # About scratch_mb in all (tmpfs counts pages in per-CPU batches, so the last chunk may just fit).
     assert box.sandbox.scratch_mb // 16 - 1 <= int(full.stdout) <= box.sandbox.scratch_mb // 16
