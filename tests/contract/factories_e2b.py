@@ -7,7 +7,6 @@ when the interpreter exits; every executor made here shares it, each with its ow
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,7 @@ def _server_url() -> str:
 
 
 def e2b_fake() -> Executor:
-    if importlib.util.find_spec("e2b_code_interpreter") is None:
-        pytest.skip("the E2B SDK is not installed: pip install 'retool[e2b]'")
+    pytest.importorskip("e2b_code_interpreter", reason="the E2B SDK is not installed: pip install 'retool[e2b]'")
     from retool_plugins.executors.e2b import E2BExecutor
 
     url = _server_url()

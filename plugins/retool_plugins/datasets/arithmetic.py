@@ -65,6 +65,29 @@ def take_turns(families: list[str], total: int, draw: Callable[[str, int], list[
     return [next(streams[families[i % len(families)]]) for i in range(total)]
 
 
+def draw_distinct(
+    family: str, count: int, draw: Callable[[], tuple[str, object, dict[str, object]]], too_few: str
+) -> list[Problem]:
+    """``count`` problems with distinct prompts from ``draw()`` -> (prompt, answer, metadata), ids ``family-i``.
+
+    A repeated prompt is drawn again (it could land in both train and val); ``too_few`` is the error raised
+    when the draws keep repeating (the knobs allow too few distinct questions).
+    """
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    attempts = 0
+    while len(problems) < count:
+        attempts += 1
+        if attempts > 100 * count + 1000:
+            raise ValueError(too_few)
+        prompt, answer, metadata = draw()
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        problems.append(Problem(id=f"{family}-{len(problems)}", prompt=prompt, answer=str(answer), metadata=metadata))
+    return problems
+
+
 class ArithmeticProblems(ProblemDataModule):
     """Seeded arithmetic problems where running code helps: big products, modular powers, sums of series.
 
@@ -124,23 +147,14 @@ class ArithmeticProblems(ProblemDataModule):
     def _family(self, family: str, count: int) -> list[Problem]:
         # A string seed: the stream of one family depends on nothing but the seed and the digit range.
         rng = random.Random(f"retool-arithmetic:{self.seed}:{family}:{self.min_digits}-{self.max_digits}")
-        seen: set[str] = set()
-        problems: list[Problem] = []
-        attempts = 0
-        while len(problems) < count:
-            attempts += 1
-            if attempts > 100 * count + 1000:  # a small digit range has few distinct questions
-                raise ValueError(
-                    f"could not draw {count} distinct {family!r} problems with {self.min_digits}-{self.max_digits} "
-                    "digits; raise max_digits or lower num_train/num_val"
-                )
+
+        def draw() -> tuple[str, int, dict[str, object]]:
             digits = rng.randint(self.min_digits, self.max_digits)
             prompt, answer, extra = FAMILIES[family](rng, digits)
-            if prompt in seen:  # a repeat could land in both train and val
-                continue
-            seen.add(prompt)
-            metadata = {"family": family, "digits": digits, **extra}
-            problems.append(
-                Problem(id=f"{family}-{len(problems)}", prompt=prompt, answer=str(answer), metadata=metadata)
-            )
-        return problems
+            return prompt, answer, {"family": family, "digits": digits, **extra}
+
+        too_few = (  # a small digit range has few distinct questions
+            f"could not draw {count} distinct {family!r} problems with {self.min_digits}-{self.max_digits} "
+            "digits; raise max_digits or lower num_train/num_val"
+        )
+        return draw_distinct(family, count, draw, too_few)

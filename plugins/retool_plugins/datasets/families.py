@@ -19,7 +19,7 @@ from typing import Any, Literal
 from retool.data import ProblemDataModule
 from retool.rollout.format import ReToolFormat
 from retool.types import ExecutionResult, Problem, Trace
-from retool_plugins.datasets.arithmetic import take_turns
+from retool_plugins.datasets.arithmetic import draw_distinct, take_turns
 
 # One question: (prompt, exact integer answer, extra metadata: its kind and the numbers it was drawn from).
 _Question = tuple[str, int, dict[str, Any]]
@@ -679,23 +679,14 @@ class MathFamilies(ProblemDataModule):
     def _family(self, family: str, count: int) -> list[Problem]:
         # A string seed: the stream of one family depends on nothing but the seed and the level range.
         rng = random.Random(f"retool-families:{self.seed}:{family}:{self.min_level}-{self.max_level}")
-        seen: set[str] = set()
-        problems: list[Problem] = []
-        attempts = 0
-        while len(problems) < count:
-            attempts += 1
-            if attempts > 100 * count + 1000:  # level 1 alone has a few hundred distinct questions per family
-                raise ValueError(
-                    f"could not draw {count} distinct {family!r} problems at levels {self.min_level}-"
-                    f"{self.max_level}; raise max_level or lower num_train/num_val"
-                )
+
+        def draw() -> tuple[str, int, dict[str, object]]:
             level = rng.randint(self.min_level, self.max_level)
             prompt, answer, extra = FAMILIES[family](rng, level)
-            if prompt in seen:  # a repeat could land in both train and val
-                continue
-            seen.add(prompt)
-            metadata = {"family": family, "level": level, **extra}
-            problems.append(
-                Problem(id=f"{family}-{len(problems)}", prompt=prompt, answer=str(answer), metadata=metadata)
-            )
-        return problems
+            return prompt, answer, {"family": family, "level": level, **extra}
+
+        too_few = (  # level 1 alone has a few hundred distinct questions per family
+            f"could not draw {count} distinct {family!r} problems at levels {self.min_level}-"
+            f"{self.max_level}; raise max_level or lower num_train/num_val"
+        )
+        return draw_distinct(family, count, draw, too_few)
