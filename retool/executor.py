@@ -22,7 +22,7 @@ from retool.types import CheckResult, ExecutionResult
 class Executor(ABC):
     """Runs code cells in isolated, stateful sessions.
 
-    Subclass it to add a sandbox (see the docs page "Write a plugin"). The subclass's ``__init__`` arguments
+    Subclass it to add a sandbox (see the docs page "Write an executor"). The subclass's ``__init__`` arguments
     are its recipe options, documented in its docstring's ``Args:`` section.
 
     Contract:

@@ -23,7 +23,7 @@ EXAMPLES = DOCS / "examples"
 SNIPPET = re.compile(r"""^\s*--8<--\s+["']([^"']+)["']\s*$""", re.MULTILINE)
 
 
-EXAMPLE_MODULES = ("concise_reward", "test_concise_reward")
+EXAMPLE_MODULES = ("concise_reward", "test_concise_reward", "loopback_check", "subprocess_executor")
 
 
 @pytest.fixture
@@ -140,6 +140,35 @@ def _nav_pages(nav: object) -> list[str]:
     if isinstance(nav, dict):
         return [page for value in nav.values() for page in _nav_pages(value)]
     return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/net").exists(), reason="LocalSandbox's network layer needs Linux")
+def test_the_pages_loopback_check_tells_an_isolated_sandbox_from_an_open_one(
+    examples: Callable[[str], ModuleType],
+) -> None:
+    import asyncio
+
+    from retool_plugins.executors.local import LocalSandbox
+
+    check = examples("loopback_check").loopback_check
+    open_executor = examples("subprocess_executor").SubprocessExecutor(timeout_s=5.0)
+
+    async def both() -> tuple[retool.CheckResult, retool.CheckResult]:
+        sandbox = LocalSandbox(preload=["math"])
+        try:
+            isolated = await check(sandbox)
+        finally:
+            await sandbox.aclose()
+        try:
+            return isolated, await check(open_executor)
+        finally:
+            await open_executor.aclose()
+
+    isolated, opened = asyncio.run(both())
+    if not isolated.active:
+        pytest.skip(f"no network namespace here: {isolated.detail}")
+    assert isolated.passed and isolated.detail.endswith(("Network is unreachable", "Connection refused"))
+    assert (opened.active, opened.passed) == (False, False) and opened.detail.endswith("connected")
 
 
 def test_every_page_is_in_the_nav() -> None:

@@ -233,7 +233,7 @@ class FakeE2BServer:
         key = headers.get("idempotency-key")
         with self._lock:
             known = self._idempotent.get(key) if key else None
-            if known is not None and known in self._sandboxes:
+            if known is not None:  # a replay has no further effect, even once that sandbox was killed
                 sandbox_id = known
             elif self.max_live is not None and len(self._live()) >= self.max_live:
                 h.reply(429, {"code": 429, "message": f"maximum number of concurrent E2B sandboxes ({self.max_live})"})

@@ -274,6 +274,36 @@ def test_sandbox_creation_is_retried_and_makes_one_sandbox(server):
     assert len({h["idempotency-key"] for h in server.headers("create")}) == 1
 
 
+def test_a_sandbox_creation_that_stalls_is_abandoned_and_retried(server):
+    # The first create answers after 1.5 s, past the request timeout: the executor gives up on it, retries
+    # with the same idempotency key, and the run goes on with one sandbox, killed at the end.
+    server.inject("create", "slow:1.5")
+    started = time.monotonic()
+    (result,) = cells(server, "print('ok')", request_timeout_s=0.3, max_retries=3)
+    assert result.ok and result.stdout == "ok\n" and not result.session_restarted
+    assert time.monotonic() - started < 1.5 + 2.0
+    assert server.count("create") >= 2
+    assert len({h["idempotency-key"] for h in server.headers("create")}) == 1
+    time.sleep(1.6)  # the stalled request finishes on the server's side
+    assert server.live == []  # whatever it made is the one sandbox used, and was killed on close
+
+
+def test_a_server_that_stalls_on_a_cell_gives_a_timeout_not_a_hang(server):
+    async def body(executor: E2BExecutor) -> tuple[list[ExecutionResult], float]:
+        results = [await executor.execute("x = 1", "s")]
+        server.inject("execute", "slow:5")  # no byte of the reply for 5 s
+        started = time.monotonic()
+        results.append(await executor.execute("print(x)", "s"))
+        elapsed = time.monotonic() - started
+        results.append(await executor.execute("print('after')", "s"))
+        return results, elapsed
+
+    (_, stalled, after), elapsed = run_with(server, body, timeout_s=1.0)
+    assert stalled.timed_out and stalled.stop_reason == "timeout"
+    assert 1.0 <= elapsed < 2.0  # our clock, not the server's
+    assert after.ok and after.stdout == "after\n" and after.session_restarted  # a sandbox of unknown state is replaced
+
+
 def test_gives_up_after_max_retries_with_a_recorded_error(server):
     async def body(executor: E2BExecutor) -> list[ExecutionResult]:
         results = [await executor.execute("x = 1", "s")]

@@ -454,3 +454,54 @@ def test_a_dead_zygote_costs_the_sessions_their_state_not_the_trainer():
     first, second = run_with(body)
     assert first.stdout == "False\n" and first.session_restarted
     assert second.stdout == "False\n" and not second.session_restarted
+
+
+def test_strict_refuses_every_cell_when_the_zygote_finds_a_layer_missing(monkeypatch):
+    # The constructor's probe passes, but the zygote (which applies the layers) reports one missing.
+    import retool_plugins.executors.local as local
+    from retool_plugins.executors import _host
+
+    monkeypatch.setattr(local, "missing_layers", lambda: {})
+    real = _host.Zygote.layers.fget
+    monkeypatch.setattr(_host.Zygote, "layers", property(lambda self: {**real(self), "seccomp": (False, "gone")}))
+    started = []
+    real_start = _host.Zygote.start.__func__
+    monkeypatch.setattr(_host.Zygote, "start", classmethod(lambda cls, *a: started.append(1) or real_start(cls, *a)))
+    results = cells("print(1)", "print(2)", "print(3)", strict=True)
+    for result in results:
+        assert result.stdout == "" and result.stop_reason == "crash"
+        assert result.error == "SandboxUnavailable: strict=True and these isolation layers are missing: seccomp (gone)"
+    assert len(started) == 1  # refused from then on, without starting a zygote per cell
+
+
+@pytest.mark.parametrize("how", ["close_session", "aclose"])
+def test_without_a_pid_namespace_a_detached_process_does_not_outlive_its_session(how):
+    # setsid and a double fork leave the worker's tree; the zygote, as subreaper, inherits and kills it.
+    marker = f"sleep {os.getpid() % 1000 + 7000}"
+    detach = (
+        "import os\npid = os.fork()\nif pid == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        f"        os.execvp('sleep', {marker.split()!r})\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('detached')"
+    )
+
+    def survivors() -> list[int]:
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if Path(f"/proc/{name}/cmdline").read_bytes() == marker.replace(" ", "\0").encode() + b"\0":
+                        found.append(int(name))
+                except OSError:
+                    pass
+        return found
+
+    async def body(sandbox: LocalSandbox) -> ExecutionResult:
+        result = await sandbox.execute(detach, "s")
+        if how == "close_session":
+            await sandbox.close_session("s")
+        return result
+
+    assert run_with(body, isolation=False).stdout == "detached\n"
+    deadline = time.monotonic() + 3
+    while survivors() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert survivors() == []

@@ -347,6 +347,11 @@ class Zygote:
         self.pending.clear()
         self.exits.clear()
 
+    def shutdown(self) -> None:
+        """Ask the zygote to stop: it reads end-of-file, kills its children and exits."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def kill(self) -> None:
         """Stop the zygote now; every worker dies with it (parent-death signal)."""
         if self.proc.returncode is None:

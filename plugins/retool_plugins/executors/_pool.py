@@ -29,6 +29,7 @@ _START_TIMEOUT_S = 60.0  # the zygote's start, preloads included (numpy + sympy 
 _WORKER_START_TIMEOUT_S = 30.0
 _EXIT_GRACE_S = 2.0  # after the reply socket closes, how long a dying worker gets to be reported
 _REAP_TIMEOUT_S = 10.0
+_ZYGOTE_STOP_S = 1.0  # how long a zygote asked to stop gets to kill its children and exit before SIGKILL
 _READ_LIMIT = 64 * 1024  # bytes the reply stream buffers before it stops reading the socket
 
 
@@ -144,6 +145,10 @@ class Pool:
         """Stop the zygote (its workers die with it) and remove the cgroups."""
         zygote, self.live.zygote = self.live.zygote, None
         if zygote is not None:
+            # Asked to stop, it kills what sessions detached (it is their subreaper without a PID namespace)
+            # and exits; SIGKILL only if it does not, since its orphans would then pass to the host's init.
+            zygote.shutdown()
+            await zygote.reap(timeout_s=_ZYGOTE_STOP_S)
             zygote.kill()
             await zygote.reap()
         if self.live.cgroups is not None:

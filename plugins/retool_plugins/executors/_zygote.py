@@ -15,7 +15,9 @@ imports the preloaded modules (numpy, sympy, ...) and warms them up, then serves
 With the PID-namespace layer the zygote's child is the *init* of a fresh PID namespace: it enters the other
 namespaces, builds the private file system, forks the worker, reaps every orphan, records the worker's wait
 status in the memfd when it ends, and exits, which makes the kernel kill whatever the session left running.
-Without it the zygote's child is the worker itself.
+Without it the zygote's child is the worker itself, and the zygote makes itself the child subreaper: a process
+that a cell detaches (``setsid`` and a double fork) is then reparented to the zygote rather than to the host's
+init, and the zygote kills it (it has no session to live with, and nothing else would ever end it).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -41,6 +44,9 @@ ALWAYS_ON = {
     "timeout": "past timeout_s the trainer SIGKILLs {victim}",
     "output-cap": "the worker keeps the head and tail of max_output_chars; the trainer reads bounded replies",
 }
+
+# How often the zygote, as subreaper (no PID namespace), looks for detached processes to kill.
+_SWEEP_EVERY_S = 0.25
 
 # Small calls that pull in each module's lazily imported parts, so that a session's first cell does not pay.
 _WARMUPS = {
@@ -67,6 +73,8 @@ class Zygote:
         self.hidden: list[str] = []
         self.exposed: list[str] = []
         self.own_pidns = -1
+        self.subreaper = False  # without a PID namespace: orphans of the sessions become ours, to be killed
+        self._last_sweep = 0.0
 
     def active(self, layer: str) -> bool:
         return self.layers.get(layer, (False, ""))[0]
@@ -100,6 +108,10 @@ class Zygote:
             self.exposed = iso.exposed_paths(self.hidden)
         if self.active("pid-namespace"):
             self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        elif sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                iso.prctl(iso.PR_SET_CHILD_SUBREAPER, 1)
+                self.subreaper = True
         if threading.active_count() > 1 or _thread_count() > 1:
             self.warnings.append("a preloaded module started threads in the zygote; forking it is not safe")
         gc.collect()
@@ -152,20 +164,21 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only to wake the select below
         parent = self.config["parent_pid"]
         while True:
-            ready, _, _ = select.select([self.ctrl, wake_r], [], [], 1.0)
+            ready, _, _ = select.select([self.ctrl, wake_r], [], [], _SWEEP_EVERY_S if self.subreaper else 1.0)
             if os.getppid() != parent:
-                return  # the trainer is gone (where no parent-death signal told us)
+                return self.sweep(everything=True)  # the trainer is gone (where no parent-death signal told us)
             if wake_r in ready:
                 os.read(wake_r, 4096)
             if self.ctrl in ready:
                 data, fds, _, _ = socket.recv_fds(self.ctrl, 65536, 4)
                 if not data:
-                    return  # the trainer is gone or closed the sandbox
+                    return self.sweep(everything=True)  # the trainer is gone or closed the sandbox
                 self.spawn(json.loads(data), fds)
             self.reap()
+            self.sweep()
 
     def reap(self) -> None:
-        while self.children:
+        while True:  # workers, and (as the subreaper) the orphans that sweep() killed
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -175,6 +188,22 @@ class Zygote:
             wid = self.children.pop(pid, None)
             if wid is not None:
                 self.send({"exited": wid, "status": status})
+
+    def sweep(self, everything: bool = False) -> None:
+        """As the subreaper, SIGKILL every child that is not a worker: a process some session detached.
+
+        Throttled to one /proc scan per ``_SWEEP_EVERY_S`` (a busy sandbox wakes the zygote often); the
+        trainer's kill of a session still reaches the worker and what it left below it at once.
+        """
+        now = time.monotonic()
+        if not self.subreaper or (not everything and now - self._last_sweep < _SWEEP_EVERY_S):
+            return
+        self._last_sweep = now
+        for pid in _children_of(os.getpid()):
+            if everything or pid not in self.children:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        self.reap()
 
     def spawn(self, request: dict[str, Any], fds: list[int]) -> None:
         wid = request["spawn"]
@@ -292,6 +321,22 @@ class Zygote:
                 os.write(2, traceback.format_exc().encode())
         finally:
             os._exit(code)
+
+
+def _children_of(parent: int) -> list[int]:
+    """Pids whose parent is ``parent`` (Linux /proc)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as file:
+                    if int(file.read().rsplit(b")", 1)[1].split()[1]) == parent:
+                        found.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
 
 
 def _one_malloc_arena() -> None:

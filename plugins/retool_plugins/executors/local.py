@@ -138,6 +138,7 @@ class LocalSandbox(Executor):
                     + ". Run `retool sandbox check` for details, or drop strict=True to run with what there is."
                 )
         self._sessions: dict[str, _Session] = {}
+        self._refused: str | None = None  # why strict refuses every cell (a layer went missing after the probe)
         self._warned: set[str] = set()
         self._oom_seen = 0
         memory = total_memory_mb * 2**20 if total_memory_mb else _half_the_ram()
@@ -184,6 +185,8 @@ class LocalSandbox(Executor):
 
     async def _execute(self, code: str, session: str, timeout_s: float) -> ExecutionResult:
         self._ensure_loop()
+        if self._refused is not None:
+            return ExecutionResult(error=self._refused, stop_reason="crash")
         state = self._sessions.setdefault(session, _Session())
         async with state.lock:  # one session's cells run one after another
             start = time.monotonic()
@@ -213,7 +216,8 @@ class LocalSandbox(Executor):
             try:
                 state.worker = await self._pool.start()
             except WorkerLost as exc:
-                return ExecutionResult(error=str(exc), stop_reason="crash", session_restarted=restarted)
+                error = self._refused or str(exc)
+                return ExecutionResult(error=error, stop_reason="crash", session_restarted=restarted)
         state.restarted = False
         worker = state.worker
         worker.seq += 1
@@ -302,7 +306,11 @@ class LocalSandbox(Executor):
         missing = {name: why for name, (active, why) in zygote.layers.items() if not active}
         listed = "; ".join(f"{name} ({why})" for name, why in missing.items())
         if missing and self.strict:
-            raise ZygoteLost(f"strict=True and these isolation layers are missing: {listed}")
+            # The constructor's probe passed but the zygote found less: refuse every cell from now on, at once
+            # (no zygote restart per cell), with the reason in each result.
+            self._refused = f"SandboxUnavailable: strict=True and these isolation layers are missing: {listed}"
+            logger.error("LocalSandbox: %s; every cell is refused", self._refused)
+            raise ZygoteLost(self._refused)
         if missing and "layers" not in self._warned:
             self._warned.add("layers")
             logger.warning(
