@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from importlib import metadata as md
 from pathlib import Path
@@ -263,6 +265,10 @@ def load_recipe(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        start = getattr(exc, "context_mark", None)
+        if start is not None and mark is not None and start.line != mark.line:
+            # The parser notices an unclosed bracket or quote only on a later line; name where it opened too.
+            where += f" (in what opens at line {start.line + 1}, column {start.column + 1})"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML{where}: {problem}") from exc
     if data is None:
@@ -279,6 +285,19 @@ def check_recipe(recipe: dict[str, Any], args: Sequence[str], found: list[Plugin
             near = difflib.get_close_matches(str(key), SECTIONS, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"unknown recipe section {key!r}{hint} sections: {', '.join(SECTIONS)}")
+    for key in ("trainer", "policy"):
+        if key in recipe and recipe[key] is not None and not isinstance(recipe[key], dict):
+            raise ConfigError(
+                f"recipe section {key!r} must be a mapping of options (`option: value` lines indented under "
+                f"`{key}:`), got a {type(recipe[key]).__name__}"
+            )
+    for kind in KINDS:
+        section = recipe.get(kind)
+        if section is not None and not isinstance(section, (dict, str)):
+            raise ConfigError(
+                f"recipe section {kind!r} must name a plugin (`{kind}: Name`) or be a mapping with `class_path:` "
+                f"and `init_args:`, got a {type(section).__name__}"
+            )
     chosen: dict[str, str] = {}
     for kind in KINDS:
         section = recipe.get(kind)
@@ -304,14 +323,50 @@ def _clean_jsonargparse_error(message: str) -> str:
 
 
 def _parse_error(message: str, recipe: dict[str, Any], args: Sequence[str], found: Sequence[PluginInfo]) -> str:
-    return _unknown_option(message, recipe, args, found) or _clean_jsonargparse_error(message)
+    """A jsonargparse error in the recipe's own terms: which section, which option, what it expects."""
+    return (
+        _unknown_option(message, recipe, args, found)
+        or _unknown_group_option(message)
+        or _wrong_value(message, recipe, args, found)
+        or _clean_jsonargparse_error(message)
+    )
+
+
+def _chosen_class(kind: str, recipe: dict[str, Any], args: Sequence[str], found: Sequence[PluginInfo]) -> type | None:
+    """The plugin class a recipe (or a command-line override) picks for ``kind``."""
+    chosen = recipe.get(kind)
+    class_path = chosen.get("class_path") if isinstance(chosen, dict) else chosen
+    for i, arg in enumerate(args):  # a class chosen on the command line wins
+        key, _, value = arg.partition("=")
+        if key in (f"--{kind}", f"--{kind}.class_path"):
+            class_path = value or (args[i + 1] if i + 1 < len(args) else class_path)
+    return next((p.cls for p in found if p.kind == kind and class_path in (p.name, p.class_path)), None)
+
+
+def _options_of(cls: type) -> list[str]:
+    """The constructor options of ``cls``, its bases' too where it passes ``**kwargs`` on."""
+    import inspect
+
+    accepted: list[str] = []
+    for klass in cls.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        accepted += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(a for a in accepted if a not in ("policy", "rollout", "executor", "reward")))
+
+
+def _did_you_mean(name: str, accepted: Sequence[str]) -> str:
+    near = difflib.get_close_matches(name, accepted, n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
 
 
 def _unknown_option(
     message: str, recipe: dict[str, Any], args: Sequence[str], found: Sequence[PluginInfo]
 ) -> str | None:
     """For a misspelled plugin option (``--data.init_args.trace_famlies``), the nearest real one and the list."""
-    import inspect
     import re
 
     option = re.search(r"Option '([^']+)' is not accepted", message)
@@ -319,27 +374,59 @@ def _unknown_option(
     if option is None or section is None or section.group(1) not in KINDS:
         return None
     kind, name = section.group(1), option.group(1)
-    chosen = recipe.get(kind)
-    class_path = chosen.get("class_path") if isinstance(chosen, dict) else chosen
-    for i, arg in enumerate(args):  # a class chosen on the command line wins
-        key, _, value = arg.partition("=")
-        if key in (f"--{kind}", f"--{kind}.class_path"):
-            class_path = value or (args[i + 1] if i + 1 < len(args) else class_path)
-    cls = next((p.cls for p in found if p.kind == kind and class_path in (p.name, p.class_path)), None)
+    cls = _chosen_class(kind, recipe, args, found)
     if cls is None:
         return None
-    accepted: list[str] = []
-    for klass in cls.__mro__:  # a plugin that passes **kwargs on accepts its bases' options too
-        if klass is object or "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        accepted += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    accepted = list(dict.fromkeys(a for a in accepted if a not in ("policy", "rollout", "executor", "reward")))
-    near = difflib.get_close_matches(name, accepted, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
+    accepted = _options_of(cls)
+    hint = _did_you_mean(name, accepted)
     return f"{kind} {cls.__name__} has no option {name!r}{hint} its options: {', '.join(accepted)}"
+
+
+def _unknown_group_option(message: str) -> str | None:
+    """A misspelled ``trainer`` or ``policy`` option, in the recipe or on the command line."""
+    import re
+
+    match = re.search(r"Group '(trainer|policy)' does not accept option '([^']+)'", message) or re.search(
+        r"unrecognized arguments: --(trainer|policy)\.([A-Za-z_]\w*)", message
+    )
+    if match is None:
+        return None
+    group, name = match.groups()
+    if group == "policy":
+        from retool.policy import Policy
+
+        accepted = _options_of(Policy)
+        return f"policy has no option {name!r}{_did_you_mean(name, accepted)} its options: {', '.join(accepted)}"
+    import lightning as L
+
+    accepted = _options_of(L.Trainer)
+    return (
+        f"trainer has no option {name!r}{_did_you_mean(name, accepted)} (the trainer section takes Lightning "
+        "Trainer's arguments; `retool fit --help` lists them)"
+    )
+
+
+def _wrong_value(message: str, recipe: dict[str, Any], args: Sequence[str], found: Sequence[PluginInfo]) -> str | None:
+    """``executor LocalSandbox: option 'timeout_s' expects a float, got 'fast'`` from jsonargparse's nested text."""
+    import re
+
+    message = " ".join(message.split())  # jsonargparse spreads the nested errors over indented lines
+    pattern = r"""Parser key "([\w.]+)": Expected a <class '(\w+)'>\. Got value: (.*?)(?= - | Given value|$)"""
+    wrong = re.findall(pattern, message)
+    if not wrong:
+        return None
+    key, expected, value = wrong[-1]  # the innermost: the option itself
+    section = re.match(r'Parser key "([a-z_]+)": Does not validate', message)
+    if section is not None and section.group(1) in KINDS:
+        kind = section.group(1)
+        cls = _chosen_class(kind, recipe, args, found)
+        where = f"{kind} {cls.__name__}" if cls is not None else kind
+        return f"{where}: option {key!r} expects {_a(expected)}, got {value.strip()!r}"
+    return f"{key} expects {_a(expected)}, got {value.strip()!r}"
+
+
+def _a(type_name: str) -> str:
+    return f"an {type_name}" if type_name[:1] in "aeiou" else f"a {type_name}"
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -372,9 +459,7 @@ def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
     try:
         cfg = parser.parse_args(args)  # --print_config (jsonargparse's own) prints and exits here
     except ArgumentError as exc:
-        raise ConfigError(
-            _unknown_option(str(exc), recipe, args, found) or _clean_jsonargparse_error(str(exc))
-        ) from None
+        raise ConfigError(_parse_error(str(exc), recipe, args, found)) from None
     except SystemExit as exc:
         return int(exc.code or 0)
     return _fit(parser, cfg, recipe_path, found)
@@ -400,19 +485,25 @@ def _stage(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]
     from rich.console import Console
 
     from retool.callbacks import RunArtifacts, StepTable
+    from retool.policy import PolicyLoadError
 
+    _quiet_lightning()
     console = Console()
     try:
         init = parser.instantiate(cfg)
         if command == "validate":
             init.algorithm.eval_at_start = True  # what validate does: an algorithm checks what evaluation needs
         init.algorithm.check_components()
+        if init.policy is not None:
+            init.policy.check()  # a missing folder or model package: before the run directory exists
         if command == "fit":  # a missing file or a dataset without traces for SFT fails here, before any weights load
             train_on = getattr(init.algorithm, "train_on", "problems")
             items = init.data.traces("train") if train_on == "traces" else init.data.problems("train")
             if not items:
                 raise ValueError(f"{type(init.data).__name__} has no training {train_on}")
         has_val = bool(init.data.problems("val")) if _evaluates(init.algorithm) else False
+    except PolicyLoadError as exc:
+        raise ConfigError(str(exc)) from None
     except Exception as exc:  # a plugin's __init__ rejected a value: show its own message, not the wrapper's
         raise ConfigError(f"invalid recipe value: {_root_cause(exc)}") from None
     if command == "validate" and not has_val:
@@ -460,6 +551,19 @@ def _stage(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]
         trainer_kwargs["limit_val_batches"] = 0  # evaluation runs only where the CLI asks (start, end)
     trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
     return init, trainer, run_dir, table, artifacts, has_val, console
+
+
+class _NoAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_lightning() -> None:
+    """Drop two lines of Lightning's that say nothing about the run: an advertisement and a deprecation of its own."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvert())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _evaluates(algorithm: Any) -> bool:

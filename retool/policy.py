@@ -56,6 +56,17 @@ def cache_dir() -> Path:
 
 def builtin_model_dir(name: str) -> Path:
     """The cached Hugging Face folder of built-in model ``name``, converted from its GGUF file on first use."""
+    gguf = _builtin_gguf(name)
+    stat = gguf.stat()
+    target = cache_dir() / "models" / f"{name}-{stat.st_size}-v{CACHE_FORMAT}"
+    if (target / "config.json").is_file() and (target / "retool-source.json").is_file():
+        return target
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _builtin_gguf(name: str) -> Path:
+    """The GGUF file that built-in model ``name``'s package ships; raises :class:`PolicyLoadError` if absent."""
     spec = BUILTIN_MODELS[name]
     found = importlib.util.find_spec(spec.module)
     locations = list(found.submodule_search_locations or []) if found else []
@@ -65,12 +76,7 @@ def builtin_model_dir(name: str) -> Path:
             f"built-in model {name!r} needs the package {spec.package!r} (it ships {spec.gguf_file}); "
             f"install it with: {spec.install}"
         )
-    stat = gguf.stat()
-    target = cache_dir() / "models" / f"{name}-{stat.st_size}-v{CACHE_FORMAT}"
-    if (target / "config.json").is_file() and (target / "retool-source.json").is_file():
-        return target
-    _convert_gguf(gguf, target)
-    return target
+    return gguf
 
 
 def _quiet_progress_bars() -> None:
@@ -141,10 +147,20 @@ class Policy:
         self.trust_remote_code = trust_remote_code
         self.attn_implementation = attn_implementation
 
+    def check(self) -> None:
+        """Raise :class:`PolicyLoadError` now if the policy cannot be found, without loading or converting it."""
+        if self.name_or_path in BUILTIN_MODELS:
+            _builtin_gguf(self.name_or_path)
+        else:
+            self._local_or_hub()
+
     def resolve(self) -> str:
         """The folder or hub id that transformers should load."""
         if self.name_or_path in BUILTIN_MODELS:
             return str(builtin_model_dir(self.name_or_path))
+        return self._local_or_hub()
+
+    def _local_or_hub(self) -> str:
         path = Path(self.name_or_path).expanduser()
         if path.exists():
             if not (path / "config.json").is_file():

@@ -83,12 +83,50 @@ def test_missing_recipe_file(tmp_path: Path, capsys) -> None:
 
 def test_yaml_syntax_error_gives_the_line(tmp_path: Path, capsys) -> None:
     path = _write(tmp_path, "trainer:\n  max_steps: 2\nalgorithm: {class_path: GRPO\nrollout: x\n")
-    _fails(["fit", "--recipe", str(path)], capsys, "not valid YAML", "line 4")
+    # The parser trips on line 4; the brace left open on line 3 is the mistake, so both are named.
+    _fails(["fit", "--recipe", str(path)], capsys, "not valid YAML", "line 4", "opens at line 3")
 
 
-def test_wrong_type_and_unknown_key(tmp_path: Path, capsys) -> None:
+def test_a_value_of_the_wrong_type_names_its_section_option_and_type(tmp_path: Path, capsys) -> None:
     path = str(_write(tmp_path, TINY_RECIPE))
-    _fails(["fit", "--recipe", path, "--algorithm.init_args.group_size", "many"], capsys, "group_size")
+    expected = "algorithm GRPO: option 'group_size' expects an int, got 'many'"
+    err = _fails(["fit", "--recipe", path, "--algorithm.init_args.group_size", "many"], capsys, expected)
+    assert "Union" not in err and "Given value" not in err  # jsonargparse's internals stay out of it
+    executor = {"class_path": "LocalSandbox", "init_args": {"timeout_s": "fast"}}
+    recipe = str(_write(tmp_path, {**TINY_RECIPE, "executor": executor}, "r2.yaml"))
+    _fails(["fit", "--recipe", recipe], capsys, "executor LocalSandbox: option 'timeout_s' expects a float, got 'fast'")
+    trainer = {**TINY_RECIPE["trainer"], "max_steps": "lots"}
+    recipe = str(_write(tmp_path, {**TINY_RECIPE, "trainer": trainer}, "r3.yaml"))
+    _fails(["fit", "--recipe", recipe], capsys, "trainer.max_steps expects an int, got 'lots'")
+
+
+def test_a_section_of_the_wrong_shape_says_what_shape(tmp_path: Path, capsys) -> None:
+    recipe = str(_write(tmp_path, {**TINY_RECIPE, "policy": ["tiny"]}))
+    _fails(["fit", "--recipe", recipe], capsys, "recipe section 'policy' must be a mapping of options", "got a list")
+    recipe = str(_write(tmp_path, {**TINY_RECIPE, "reward": [1]}, "r2.yaml"))
+    _fails(["fit", "--recipe", recipe], capsys, "recipe section 'reward' must name a plugin")
+
+
+def test_a_misspelled_trainer_or_policy_option_names_the_nearest(tmp_path: Path, capsys) -> None:
+    trainer = {**TINY_RECIPE["trainer"], "max_stepz": 2}
+    recipe = str(_write(tmp_path, {**TINY_RECIPE, "trainer": trainer}))
+    _fails(["fit", "--recipe", recipe], capsys, "trainer has no option 'max_stepz'; did you mean 'max_steps'?")
+    path = str(_write(tmp_path, TINY_RECIPE, "r2.yaml"))
+    _fails(["fit", "--recipe", path, "--trainer.max_stepz", "3"], capsys, "did you mean 'max_steps'?")
+    recipe = str(_write(tmp_path, {**TINY_RECIPE, "policy": {"name_or_pth": "x"}}, "r3.yaml"))
+    _fails(["fit", "--recipe", recipe], capsys, "policy has no option 'name_or_pth'; did you mean 'name_or_path'?")
+
+
+def test_a_missing_policy_folder_fails_before_the_run_directory_exists(tmp_path: Path, capsys) -> None:
+    path = str(_write(tmp_path, TINY_RECIPE))
+    run_dir = tmp_path / "run"
+    args = ["fit", "--recipe", path, "--policy.name_or_path", str(tmp_path / "nope"), "--run_dir", str(run_dir)]
+    _fails(args, capsys, f"policy folder '{tmp_path / 'nope'}' does not exist")
+    assert not run_dir.exists()
+
+
+def test_unknown_key(tmp_path: Path, capsys) -> None:
+    path = str(_write(tmp_path, TINY_RECIPE))
     recipe = {**TINY_RECIPE, "algorithm": {"class_path": "GRPO", "init_args": {"grup_size": 4}}}
     # A misspelled option, in the recipe or on the command line: the nearest real one, and the list.
     _fails(
@@ -166,6 +204,16 @@ def test_fit_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, ca
     # notebook, a sweep driver) inherits nothing.
     assert descendants() == before
     assert "run directory" in out and str(run_dir) in out
+    # The console: a header, one row per step with the step's numbers, then the summary table.
+    lines = out.splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["step", "reward"])
+    for column in ("acc", "tokens", "calls", "cell ok", "gen s", "tool s", "upd s", "tok/s"):
+        assert column in header
+    rows = [line.split() for line in lines if line.split()[:1] in (["1"], ["2"])]
+    assert [row[0] for row in rows] == ["1", "2"]
+    for row in rows:  # reward 0 (one of two answers right), accuracy 0.5, one call and a cell that ran
+        assert float(row[1]) == 0.0 and float(row[2]) == 0.5 and float(row[4]) == 1.0 and float(row[5]) == 1.0
+    assert "run summary" in out and "policy (Hugging Face format)" in out
 
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert saved["policy"]["name_or_path"] == str(tiny_model_dir) and saved["seed_everything"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -62,6 +64,11 @@ def test_clipping_stops_the_gradient_beyond_the_range() -> None:
     assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 2] == 0
     assert logprobs.grad[0, 1] != 0 and logprobs.grad[0, 3] != 0
     assert stats["train/clip_frac"] == 2
+    # ppo_kl (k3 from the sampling policy to this one), summed over tokens: sum(r - 1 - log r) for each ratio r
+    expected = float(sum(r - 1 - math.log(r) for r in (1.5, 1.1, 0.5, 0.9)))
+    assert float(stats["train/ppo_kl"]) == pytest.approx(expected, rel=1e-5)
+    _, on_policy = algo.loss(_batch(mask, adv, old), old.clone(), torch.zeros(1, 4), mask.sum())
+    assert float(on_policy["train/ppo_kl"]) == 0.0
 
 
 def test_kl_penalty_uses_the_reference_and_is_zero_at_equality() -> None:

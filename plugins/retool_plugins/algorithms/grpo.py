@@ -79,9 +79,14 @@ class GRPO(Algorithm):
         clipped = torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high) * advantages
         per_token = -torch.minimum(unclipped, clipped)
         is_clipped = (clipped < unclipped).float()
+        drift = (logprobs.detach() - old).float()  # log(new/old); the tokens were sampled from old
         stats: dict[str, torch.Tensor] = {
             "train/policy_loss": (per_token.detach() * mask).sum(),
             "train/clip_frac": (is_clipped * mask).sum(),
+            # k3 KL from the policy that sampled the batch to the one being updated: how far the epochs and
+            # mini-batches of this step have moved it (0 for a single on-policy pass); logged with or without
+            # a reference model.
+            "train/ppo_kl": ((torch.exp(drift) - drift - 1) * mask).sum(),
             "train/entropy": (entropy.detach() * mask).sum(),
             "train/ratio": (ratio.detach() * mask).sum(),
         }
