@@ -494,14 +494,14 @@ def _stage(parser: Any, cfg: Any, recipe_path: Path, found: Sequence[PluginInfo]
         if command == "validate":
             init.algorithm.eval_at_start = True  # what validate does: an algorithm checks what evaluation needs
         init.algorithm.check_components()
-        if init.policy is not None:
-            init.policy.check()  # a missing folder or model package: before the run directory exists
         if command == "fit":  # a missing file or a dataset without traces for SFT fails here, before any weights load
             train_on = getattr(init.algorithm, "train_on", "problems")
             items = init.data.traces("train") if train_on == "traces" else init.data.problems("train")
             if not items:
                 raise ValueError(f"{type(init.data).__name__} has no training {train_on}")
         has_val = bool(init.data.problems("val")) if _evaluates(init.algorithm) else False
+        if init.policy is not None:
+            init.policy.check()  # a missing folder or model package: before the run directory exists
     except PolicyLoadError as exc:
         raise ConfigError(str(exc)) from None
     except Exception as exc:  # a plugin's __init__ rejected a value: show its own message, not the wrapper's
