@@ -6,6 +6,7 @@ Run it from the repository root (it takes a few minutes on 2 CPU cores)::
     python benchmarks/rollout.py --quick      # a smoke run with tiny settings
     python benchmarks/rollout.py --profile    # also break HFRollout's busy time down (prefill, decode, ...)
     python benchmarks/rollout.py --markdown   # also print the tables as Markdown (for docs/rollouts.md)
+    python benchmarks/rollout.py --dtype bfloat16   # all three in bfloat16 (fast with AMX, slow without)
 
 What is compared, on SmolLM2-135M-Instruct (the built-in policy, fp32), 8 trajectories at a time
 (2 problems x group 4), each writing exactly ``--tokens`` model tokens with k = 0, 2 or 4 tool calls:
@@ -530,6 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per table cell; the best is shown (1)")
     parser.add_argument("--cell-ms", type=float, default=200.0, help="duration of a slow cell, in ms (200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the policy's dtype, for all three (float32); bfloat16 is fast only with bfloat16 matrix units (AMX)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 24 tokens, 1 repeat")
     parser.add_argument("--profile", action="store_true", help="also time the parts of HFRollout's engine at k=4")
     parser.add_argument("--profile-only", action="store_true", help="only the profile (no table)")
@@ -552,13 +559,13 @@ def main(argv: list[str] | None = None) -> int:
         f"python {platform.python_version()}"
     )
     console.print(
-        f"load average (1, 5, 15 min) at start: {load_average()}  |  SmolLM2-135M-Instruct fp32, "
+        f"load average (1, 5, 15 min) at start: {load_average()}  |  SmolLM2-135M-Instruct {args.dtype}, "
         f"{len(PROBLEMS)} problems x group {GROUP_SIZE}, {args.tokens} model tokens per trajectory, "
         f"temperature 1.0, EOS suppressed, slow cells {args.cell_ms:.0f} ms, best of {args.repeats}"
     )
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep vLLM's engine logs out of the tables
-    policy = Policy("smollm2-135m-instruct")
+    policy = Policy("smollm2-135m-instruct", dtype=args.dtype)
     model, tokenizer = policy.load_model(), policy.load_tokenizer()
     model.eval()
     vllm_cls, c_label = load_vllm() if not args.profile_only else (None, "")

@@ -162,3 +162,47 @@ def test_a_late_request_joins_the_running_batch(model_and_tokenizer) -> None:
         expected = _greedy_reference(model, prompt, 30)
         cut = next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))
         assert result.token_ids == expected[:cut]
+
+
+def test_a_bfloat16_copy_decodes_and_follows_the_trainers_weights(model_and_tokenizer) -> None:
+    import copy
+
+    from retool import Problem
+    from retool.testing import EchoExecutor
+
+    model, tokenizer = model_and_tokenizer
+    model = copy.deepcopy(model)  # this test changes the weights
+    backend = HFRollout(temperature=0.0, max_new_tokens=8, dtype="bfloat16", tools=False)
+    backend.bind(model, tokenizer)
+    replica = backend._replica
+    assert replica is not None and next(replica.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the trainer's module is left as it was
+
+    def decoded():
+        return backend.rollout([Problem("p", "What is 6 * 7?", "42")], 1, EchoExecutor(lambda code: "")).trajectories[0]
+
+    first = decoded()
+    with torch.no_grad():  # an "update": the next rollout must decode with it
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    second = decoded()
+    for name, p in model.state_dict().items():
+        assert torch.equal(replica.state_dict()[name], p.to(torch.bfloat16)), name
+    n = second.prompt_len
+    assert first.token_ids[:n] == second.token_ids[:n] and first.token_ids[n:] != second.token_ids[n:]
+    # What it decoded is the bfloat16 copy's greedy decoding of the prompt.
+    reference = _greedy_reference(replica, second.token_ids[:n], 8)
+    eos = backend.eos_token_ids()
+    cut = next((i + 1 for i, t in enumerate(reference) if t in eos), len(reference))
+    assert second.token_ids[n:] == reference[:cut]
+    asyncio.run(backend.aclose())
+
+
+def test_the_policy_dtype_needs_no_copy(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    for dtype in (None, "float32"):
+        backend = HFRollout(dtype=dtype)
+        backend.bind(model, tokenizer)
+        assert backend._replica is None and not backend.needs_weight_sync
+    with pytest.raises(ValueError, match="dtype"):
+        HFRollout(dtype="int8")

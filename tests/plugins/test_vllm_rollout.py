@@ -304,6 +304,19 @@ def test_without_vllm_the_error_names_the_install(tiny_model_dir: Path) -> None:
         asyncio.run(rollout.generate(GenerationRequest([1, 2, 3], 4)))
 
 
+def test_small_cpu_machines_decode_on_every_core() -> None:
+    from retool_plugins.rollout.vllm import cpu_engine_env
+
+    key = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+    assert cpu_engine_env(None, cuda=False, cpu_count=2, environ={}) == {key: "0"}
+    assert cpu_engine_env(None, cuda=False, cpu_count=64, environ={}) == {}  # vLLM's own default there
+    assert cpu_engine_env(2, cuda=False, cpu_count=64, environ={}) == {key: "2"}
+    assert cpu_engine_env(0, cuda=False, cpu_count=2, environ={key: "1"}) == {}  # the user's variable wins
+    assert cpu_engine_env(0, cuda=True, cpu_count=2, environ={}) == {}  # a GPU engine has no CPU decoding
+    with pytest.raises(ValueError, match="cpu_reserved_cores"):
+        VLLMRollout(cpu_reserved_cores=-1)
+
+
 class _AlternatingReward(Reward):
     """+1, -1, +1, ...: every group has a learning signal, so every step moves the weights."""
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib
 import itertools
+import os
 import sys
 import tempfile
 import threading
@@ -99,6 +100,10 @@ class VLLMRollout(RolloutBackend):
             decides, and decoding goes on when it was not the end of a cell. The defaults suit the ReTool format.
         engine_kwargs: Further vLLM engine arguments (``AsyncEngineArgs`` fields), e.g.
             ``{"kv_cache_memory_bytes": 1000000000, "tensor_parallel_size": 2}``.
+        cpu_reserved_cores: On CPU, the cores vLLM keeps for its front end instead of decoding on them
+            (``VLLM_CPU_NUM_OF_RESERVED_CPU``). ``None``: vLLM's own choice (one), except on machines of at most
+            4 cores, where it is 0: on 2 cores, vLLM's default left one core decoding (19.6 s for a rollout
+            that took 12.4 s with both, measured). An explicit environment variable always wins.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class VLLMRollout(RolloutBackend):
         enable_prefix_caching: bool = True,
         stop_strings: Sequence[str] = ("</code>", "```"),
         engine_kwargs: dict[str, Any] | None = None,
+        cpu_reserved_cores: int | None = None,
     ) -> None:
         super().__init__(max_new_tokens, max_tool_calls, temperature, top_p, top_k, seed, format, tools)
         if temperature > 2:  # vLLM refuses it per request; say so before any model loads
@@ -134,6 +140,9 @@ class VLLMRollout(RolloutBackend):
         self.stop_strings = tuple(stop_strings)
         self._triggers = {s[-1] for s in self.stop_strings}  # only a token holding one can close a cell
         self.engine_kwargs = dict(engine_kwargs or {})
+        if cpu_reserved_cores is not None and cpu_reserved_cores < 0:
+            raise ValueError(f"cpu_reserved_cores must be >= 0, got {cpu_reserved_cores}")
+        self.cpu_reserved_cores = cpu_reserved_cores
         self._engine: Any = None
         self._snapshot: tempfile.TemporaryDirectory[str] | None = None
         self._max_len = 0
@@ -289,6 +298,9 @@ class VLLMRollout(RolloutBackend):
             "disable_log_stats": True,
             **self.engine_kwargs,
         }
+        os.environ.update(
+            cpu_engine_env(self.cpu_reserved_cores, torch.cuda.is_available(), os.cpu_count(), os.environ)
+        )
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
         self._max_len = int(engine.model_config.max_model_len)
         return engine
@@ -329,6 +341,19 @@ class VLLMRollout(RolloutBackend):
         if self._snapshot is not None:
             self._snapshot.cleanup()
             self._snapshot = None
+
+
+def cpu_engine_env(
+    reserved: int | None, cuda: bool, cpu_count: int | None, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """Environment for vLLM's CPU engine (read by its engine process, which inherits ours)."""
+    if cuda or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
+        return {}
+    if reserved is None:
+        if (cpu_count or 1) > 4:
+            return {}
+        reserved = 0  # a core kept for the front end is half of a 2-core machine's decoding
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
 
 
 def _cpu_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
