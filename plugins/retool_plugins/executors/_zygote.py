@@ -165,14 +165,16 @@ class Zygote:
         parent = self.config["parent_pid"]
         while True:
             ready, _, _ = select.select([self.ctrl, wake_r], [], [], _SWEEP_EVERY_S if self.subreaper else 1.0)
-            if os.getppid() != parent:
-                return self.sweep(everything=True)  # the trainer is gone (where no parent-death signal told us)
+            if os.getppid() != parent:  # the trainer is gone (where no parent-death signal told us)
+                self.sweep(everything=True)
+                return
             if wake_r in ready:
                 os.read(wake_r, 4096)
             if self.ctrl in ready:
                 data, fds, _, _ = socket.recv_fds(self.ctrl, 65536, 4)
-                if not data:
-                    return self.sweep(everything=True)  # the trainer is gone or closed the sandbox
+                if not data:  # the trainer is gone or closed the sandbox
+                    self.sweep(everything=True)
+                    return
                 self.spawn(json.loads(data), fds)
             self.reap()
             self.sweep()
