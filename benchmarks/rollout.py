@@ -34,8 +34,11 @@ How the work is made identical for all three:
   suppressed. The baseline passes ``min_new_tokens`` = ``max_new_tokens`` and ``suppress_tokens`` = the EOS
   ids to ``generate()``; the wrapped backend returns no EOS ids from ``eos_token_ids()``, so a sampled EOS
   does not end the request.
-* The baseline's ``generate()`` calls run in a worker thread, as HFRollout's engine does (on a loaded
-  machine the main thread measured several times slower; see :func:`in_worker_thread`).
+* Every model call runs in the main thread: the baseline's ``generate()`` and HFRollout's engine, which
+  decodes in the thread that calls ``rollout()``. PyTorch's CPU builds use GNU OpenMP, which gives each
+  computing thread its own pool of workers and, once the process holds more workers than cores, makes all of
+  them sleep between parallel regions instead of spinning: a second computing thread would slow every later
+  measurement (a batch-8 decode step 78 -> 107 ms on 2 cores).
 * Cells are either instant (``EchoExecutor``) or take 200 ms: ``await asyncio.sleep(0.2)`` in the
   executor for (b) and (c), ``time.sleep(0.2)`` per cell in the synchronous baseline.
 
@@ -58,12 +61,11 @@ import importlib
 import os
 import platform
 import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -78,7 +80,6 @@ from retool.rollout.loop import prompt_token_ids
 from retool.testing import EchoExecutor
 from retool.types import ExecutionResult, Problem
 
-T = TypeVar("T")
 CELL = "print(6 * 7)"
 CELL_OUTPUT = "42\n"
 PROBLEMS = [
@@ -252,32 +253,6 @@ def baseline(model: Any, tokenizer: Any, prompts: list[str], plan: Plan, cell_s:
     return Measured(time.perf_counter() - start, written)
 
 
-def in_worker_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a fresh thread, as HFRollout's engine runs its model calls.
-
-    Measured on the shared 2-core machine of the docs: under load, the same ``generate()`` ran 3 to 7 times
-    slower in the main thread than in another thread (an 8x576 by 576x1536 matmul: 3-4 ms against 0.18 ms;
-    OpenMP's team barrier in the main thread waits on a descheduled worker; ``OMP_WAIT_POLICY=PASSIVE``
-    or ``OMP_NUM_THREADS=1`` removes most of it). Every timed model call runs in a worker thread, so the
-    columns compare the same conditions.
-    """
-    result: list[T] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(fn(*args))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="retool-bench")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
-
-
 def _generation_eos(model: Any) -> list[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     return [eos] if isinstance(eos, int) else list(eos or [])
@@ -352,13 +327,15 @@ class EngineProfile:
         model = engine.model
         profile = self
 
-        def prefill(request: Any) -> Any:
+        def prefill(group: list[Any]) -> Any:
             profile._in_prefill = True
-            kind = "prefill after a cell" if request.request_id in engine._kept else "prefill of a prompt"
-            profile.counts[kind] += 1
+            after = sum(request.request_id in engine._kept for request in group)
+            kind = "prefill after a cell" if after else "prefill of a prompt"
+            profile.counts[kind] += len(group)  # rows
+            profile.counts[kind + " (forwards)"] += 1
             try:
                 with profile.timed(kind):
-                    return original_prefill(request)
+                    return original_prefill(group)
             finally:
                 profile._in_prefill = False
 
@@ -401,15 +378,14 @@ def profile_hf(model: Any, tokenizer: Any, plan: Plan, seed: int, console: Conso
     # holds prefill and join.
     in_step = s["sampling"] + s["stop checks"] + s["keep row (cache copy)"]
     in_step += s["select (cache gather)"] + s["decode forward"]
+    counts = profile.counts
+    prompts = f"{counts['prefill of a prompt']} rows in {counts['prefill of a prompt (forwards)']} forwards"
+    replies = f"{counts['prefill after a cell']} rows in {counts['prefill after a cell (forwards)']} forwards"
     parts = {
-        f"prefill of the prompts ({profile.counts['prefill of a prompt']} rows, one at a time)": s[
-            "prefill of a prompt"
-        ],
-        f"prefill after cells ({profile.counts['prefill after a cell']} rows, one at a time)": s[
-            "prefill after a cell"
-        ],
+        f"prefill of the prompts ({prompts})": s["prefill of a prompt"],
+        f"prefill after cells ({replies})": s["prefill after a cell"],
         "decode forward (model, batch)": s["decode forward"],
-        "sampling (softmax + multinomial)": s["sampling"],
+        "sampling (softmax, one uniform draw per row)": s["sampling"],
         "stop checks": s["stop checks"],
         "cache bookkeeping (join/select/keep)": s["join (cache concat)"]
         + s["select (cache gather)"]
@@ -429,15 +405,28 @@ def profile_hf(model: Any, tokenizer: Any, plan: Plan, seed: int, console: Conso
     console.print(f"decode steps: {profile.steps}, {per_step:.1f} ms per decode forward")
 
 
-def decode_steps(model: Any, batch: int, context: int, steps: int, profiler: Any = None) -> float:
-    """Wall seconds per batched decode forward on a ``context``-token cache, laid out as HFRollout's engine
-    lays it out (explicit attention mask and positions, a ``DynamicCache``); the prefill is not timed."""
+def decode_steps(model: Any, batch: int, context: int, steps: int, fast: bool, profiler: Any = None) -> float:
+    """Wall seconds per batched decode forward on a ``context``-token cache; the prefill is not timed.
+
+    ``fast=False``: transformers' own path, as ``generate()`` decodes (a ``DynamicCache``, a 2-D mask, SDPA).
+    ``fast=True``: HFRollout's engine with its ``fast_kernels`` (a cache written in place, its additive mask
+    and grouped attention, oneDNN-reordered linear weights).
+    """
     from transformers import DynamicCache
+
+    from retool_plugins.rollout import _hf_engine, _packed_linears
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (batch, context), generator=generator)
-    cache = DynamicCache()
-    with torch.inference_mode():
+    config = model.config
+    before = config._attn_implementation
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        if fast:
+            _hf_engine.register_grouped_attention()
+            config._attn_implementation = _hf_engine.GROUPED_ATTENTION
+            stack.callback(setattr, config, "_attn_implementation", before)
+            stack.enter_context(_packed_linears.packed_linears(model))
+        cache = _hf_engine.column_cache() if fast else DynamicCache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         attention = torch.ones((batch, context), dtype=torch.long)
         with profiler if profiler is not None else contextlib.nullcontext():
@@ -445,9 +434,10 @@ def decode_steps(model: Any, batch: int, context: int, steps: int, profiler: Any
             for i in range(steps):
                 tokens = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
                 attention = torch.cat([attention, attention.new_ones((batch, 1))], dim=1)
+                mask = torch.zeros((batch, 1, 1, attention.shape[1])) if fast else attention
                 out = model(
                     input_ids=tokens,
-                    attention_mask=attention,
+                    attention_mask=mask,
                     position_ids=torch.full((batch, 1), context + i),
                     past_key_values=cache,
                     use_cache=True,
@@ -456,34 +446,31 @@ def decode_steps(model: Any, batch: int, context: int, steps: int, profiler: Any
 
 
 def profile_decode_ops(model: Any, batch: int, context: int, steps: int, console: Console) -> None:
-    """What one decode forward spends its time on (torch.profiler, self CPU time per op), and how its cost
-    grows with the batch.
-
-    torch.profiler sees only the thread that starts it, not the engine's, so this replays the engine's
-    decode step in a thread of its own.
-    """
+    """What one decode forward spends its time on (torch.profiler, self CPU time per op), on transformers'
+    path and on HFRollout's fast kernels, and how its cost grows with the batch."""
     from torch.profiler import ProfilerActivity, profile
 
-    single = in_worker_thread(decode_steps, model, 1, context, steps)
-    wall = in_worker_thread(decode_steps, model, batch, context, steps)
-    prof = profile(activities=[ProfilerActivity.CPU])
-    in_worker_thread(decode_steps, model, batch, context, steps, prof)  # the profiler starts in that thread
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    table = Table(title=f"Inside a decode forward: batch {batch}, {context}-token cache, {steps} steps")
-    table.add_column("op (self CPU time, profiled)")
-    table.add_column("ms per step", justify="right")
-    table.add_column("share of op time", justify="right")
-    for event in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]:
-        self_us = event.self_cpu_time_total
-        table.add_row(event.key, f"{self_us / steps / 1e3:.1f}", f"{self_us / total:.0%}")
-    console.print(table)
-    ops_ms = total / steps / 1e3
-    console.print(
-        f"unprofiled wall per decode forward: batch {batch} {wall * 1e3:.1f} ms ({batch / wall:.0f} tok/s), "
-        f"batch 1 {single * 1e3:.1f} ms ({1 / single:.0f} tok/s); all ops together (profiled) {ops_ms:.1f} ms "
-        f"per step at batch {batch}"
-    )
+    for fast, name in ((False, "transformers' path, as generate() decodes"), (True, "HFRollout's fast_kernels")):
+        single = decode_steps(model, 1, context, steps, fast)
+        wall = decode_steps(model, batch, context, steps, fast)
+        prof = profile(activities=[ProfilerActivity.CPU])
+        decode_steps(model, batch, context, steps, fast, prof)
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events)
+        table = Table(title=f"Inside a decode forward, {name}: batch {batch}, {context}-token cache, {steps} steps")
+        table.add_column("op (self CPU time, profiled)")
+        table.add_column("ms per step", justify="right")
+        table.add_column("share of op time", justify="right")
+        for event in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]:
+            self_us = event.self_cpu_time_total
+            table.add_row(event.key, f"{self_us / steps / 1e3:.1f}", f"{self_us / total:.0%}")
+        console.print(table)
+        ops_ms = total / steps / 1e3
+        console.print(
+            f"unprofiled wall per decode forward: batch {batch} {wall * 1e3:.1f} ms ({batch / wall:.0f} tok/s), "
+            f"batch 1 {single * 1e3:.1f} ms ({1 / single:.0f} tok/s); all ops together (profiled) "
+            f"{ops_ms:.1f} ms per step at batch {batch}"
+        )
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -582,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up: one short run of each, untimed (for VLLMRollout this also starts its engine).
     torch.manual_seed(args.seed)
     warm = Plan(total=8, cells=1)
-    in_worker_thread(baseline, model, tokenizer, prompts, warm, 0.0)
+    baseline(model, tokenizer, prompts, warm, 0.0)
     hf = scripted_backend(HFRollout, warm, seed=args.seed)
     hf.bind(model, tokenizer)
     backend_run(hf, warm, 0.0)
@@ -609,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                 a_runs, b_runs, c_runs = [], [], []
                 for r in range(args.repeats):
                     torch.manual_seed(args.seed + r)
-                    a_runs.append(in_worker_thread(baseline, model, tokenizer, prompts, plan, seconds))
+                    a_runs.append(baseline(model, tokenizer, prompts, plan, seconds))
                     set_plan(hf, plan, args.seed + r)
                     b_runs.append(backend_run(hf, plan, seconds))
                     if vllm is not None:
@@ -676,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     columns = ["target", "goal", "measured", "verdict"]
     print_table(console, f"Targets (at {k_max} tool calls)", columns, checks, args.markdown)
+    context = len(tokenizer(prompts[0], add_special_tokens=False)["input_ids"]) + args.tokens // 2
+    print_bound(model, len(prompts), context, 4 if args.quick else 16, console, args.markdown)
     for note in notes:
         console.print(f"(c) {note}", markup=False, highlight=False)
     console.print(f"load average (1, 5, 15 min) at end: {load_average()}")
@@ -683,6 +672,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         run_profile(model, tokenizer, prompts, args, console)
     return 0
+
+
+def read_bandwidth() -> float:
+    """Bytes per second this machine reads from memory: the best of 5 sums over a 512 MiB tensor (far larger
+    than any cache), in this thread, with PyTorch's threads."""
+    data = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * data.element_size() / best
+
+
+def print_bound(model: Any, batch: int, context: int, steps: int, console: Console, markdown: bool) -> None:
+    """The floor under any decode step here: it must read every weight once. Against HFRollout's step."""
+    weights = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}  # tied weights once
+    weight_bytes = sum(weights.values())
+    bandwidth = read_bandwidth()
+    floor = weight_bytes / bandwidth
+    hf_step = decode_steps(model, batch, context, steps, fast=True)
+    generate_step = decode_steps(model, batch, context, steps, fast=False)
+    body = [
+        ["weights read by every decode step", f"{weight_bytes / 2**20:.0f} MiB"],
+        ["memory read bandwidth (sum over 512 MiB)", f"{bandwidth / 1e9:.1f} GB/s"],
+        ["floor of a decode step (weights / bandwidth)", f"{floor * 1e3:.1f} ms = at most {batch / floor:.0f} tok/s"],
+        [f"HFRollout's decode step (fast_kernels, {context}-token cache)", f"{hf_step * 1e3:.1f} ms"],
+        ["transformers' decode step, as generate() runs it", f"{generate_step * 1e3:.1f} ms"],
+        ["most any backend can gain on HFRollout's decoding here", f"{hf_step / floor:.2f}x"],
+    ]
+    print_table(console, f"What bounds decoding here (batch {batch})", ["quantity", "value"], body, markdown)
 
 
 def run_profile(model: Any, tokenizer: Any, prompts: list[str], args: argparse.Namespace, console: Console) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -33,9 +33,15 @@ def background_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+def run_sync(
+    coro: Coroutine[Any, Any, T],
+    timeout: float | None = None,
+    wait: Callable[[Future[T]], None] | None = None,
+) -> T:
     """Run ``coro`` on the background loop and wait for its result from a synchronous caller.
 
+    ``wait``, if given, is called with the coroutine's future and returns once it is done: the caller's
+    thread works while it waits (a decode engine that must compute in this thread serves its requests).
     A ``KeyboardInterrupt`` (Ctrl-C) while waiting cancels the coroutine before it propagates, so that the
     coroutine's ``finally`` blocks (closing sessions, killing workers) still run.
     """
@@ -44,6 +50,8 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         raise RuntimeError("run_sync was called from the background loop itself; await the coroutine instead")
     future: Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
     try:
+        if wait is not None:
+            wait(future)
         return future.result(timeout)
     except BaseException:
         future.cancel()

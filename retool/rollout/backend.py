@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -197,7 +197,7 @@ class RolloutBackend(ABC):
             raise ValueError("tools are on but no executor was given (set `executor:` in the recipe)")
         busy_before = self._busy_s
         start = time.perf_counter()
-        trajectories = run_sync(
+        trajectories = self._run_loop(
             rollout_groups(self, problems, group_size, executor if self.tools else None, session_prefix)
         )
         wall = time.perf_counter() - start
@@ -209,3 +209,11 @@ class RolloutBackend(ABC):
             tool_wait_s=max(0.0, wall - busy),
             generated_tokens=sum(t.num_model_tokens for t in trajectories),
         )
+
+    def _run_loop(self, coro: Coroutine[Any, Any, list[Trajectory]]) -> list[Trajectory]:
+        """Run the tool loop on retool's background event loop and wait for it in the calling thread.
+
+        A backend that must compute in the calling thread overrides this (``HFRollout`` decodes there: the
+        thread that trains, so that PyTorch's CPU thread pool is not duplicated).
+        """
+        return run_sync(coro)

@@ -9,16 +9,26 @@ previous request left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import zlib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from retool._async import run_sync
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
 from retool.rollout.format import ToolFormat
-from retool_plugins.rollout._hf_engine import DecodeEngine, EngineRequest
+from retool.types import Trajectory
+from retool_plugins.rollout import _packed_linears
+from retool_plugins.rollout._hf_engine import (
+    GROUPED_ATTENTION,
+    DecodeEngine,
+    EngineRequest,
+    register_grouped_attention,
+    supports_grouped_attention,
+)
 
 
 def sample_next(
@@ -41,7 +51,7 @@ def sample_next(
         return tokens, logprobs
     scaled = logits / temperature
     logprobs_all = torch.log_softmax(scaled, dim=-1)
-    filtered = scaled.clone()
+    filtered = scaled  # a new tensor already; filtered in place
     if top_k > 0 and top_k < filtered.shape[-1]:
         kth = torch.topk(filtered, top_k, dim=-1).values[:, -1:]
         filtered[filtered < kth] = float("-inf")
@@ -52,11 +62,15 @@ def sample_next(
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
         sorted_logits[drop] = float("-inf")
         filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(filtered, dim=-1)
-    if isinstance(generator, Sequence):
-        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
-    else:
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(filtered, dim=-1, dtype=torch.float64)
+    generators = generator if isinstance(generator, Sequence) else [generator] * probs.shape[0]
+    # Inverse-CDF sampling with one uniform draw per row from the row's own generator. torch.multinomial
+    # draws one exponential per vocabulary entry instead: 7 ms of a 60 ms decode step for 8 rows of 49152.
+    # In float64, a zero-probability token repeats its predecessor's cumulative sum and is never found.
+    cumulative = probs.cumsum(dim=-1)
+    uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators]).to(probs.device)
+    point = (uniform * cumulative[:, -1])[:, None]
+    tokens = torch.searchsorted(cumulative, point, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -83,6 +97,13 @@ class HFRollout(RolloutBackend):
             SmolLM2-135M at batch 8 took 78 ms against 106 ms in fp32; without them it is slower. The
             sampler's log-probabilities then differ from the trainer's by the rounding
             (``train/sampler_logprob_diff``).
+        fast_kernels: Decode with retool's kernels where they apply: a KV cache written in place, grouped-query
+            attention without copying keys per query head, prompts and interpreter replies that join at the
+            same step prefilled as one batch, and on CPU, linear weights reordered for oneDNN. They compute the
+            same function (log-probabilities agree with transformers' path to float rounding); on the 2-core
+            CPU of the docs they make a decode step of SmolLM2-135M at batch 8 61 ms instead of 79 ms.
+            ``False`` decodes through transformers' own attention and cache. Models with sliding-window
+            attention or soft-capped attention logits always take that path.
     """
 
     def __init__(
@@ -97,6 +118,7 @@ class HFRollout(RolloutBackend):
         tools: bool = True,
         max_batch_size: int = 32,
         dtype: str | None = None,
+        fast_kernels: bool = True,
     ) -> None:
         super().__init__(max_new_tokens, max_tool_calls, temperature, top_p, top_k, seed, format, tools)
         if max_batch_size < 1:
@@ -105,6 +127,7 @@ class HFRollout(RolloutBackend):
             raise ValueError(f"HFRollout dtype must be bfloat16, float16, float32 or null; got {dtype!r}")
         self.max_batch_size = max_batch_size
         self.dtype = dtype
+        self.fast_kernels = fast_kernels
         self._replica: torch.nn.Module | None = None  # the decoding copy, when dtype differs from the policy's
         self._engine: DecodeEngine | None = None
         # One generator per trajectory (keyed by request_id and seeded from it), so that a trajectory's
@@ -131,13 +154,44 @@ class HFRollout(RolloutBackend):
             # cast them into the copy (about 0.1 s for 135M parameters on CPU).
             with torch.no_grad():
                 self._replica.load_state_dict(self.model.state_dict())
-            return super().rollout(*args, **kwargs)
         was_training = self.model.training
         self.model.eval()
         try:
-            return super().rollout(*args, **kwargs)
+            with self._kernels():
+                return super().rollout(*args, **kwargs)
         finally:
             self.model.train(was_training)
+
+    def _run_loop(self, coro: Coroutine[Any, Any, list[Trajectory]]) -> list[Trajectory]:
+        # Decode in this thread (the trainer's) while the tool loop runs on the background event loop: see
+        # DecodeEngine for why one thread must do all of PyTorch's work.
+        engine = self._get_engine()
+        with engine.serving():
+            return run_sync(coro, wait=engine.serve_until)
+
+    @contextlib.contextmanager
+    def _kernels(self) -> Iterator[None]:
+        """For one rollout, the decoding module attends through the engine's grouped attention and computes
+        its linear layers with weights reordered from the current ones (see ``fast_kernels``)."""
+        module = self._decoder()
+        if not self.fast_kernels:
+            yield
+            return
+        config = module.config
+        grouped = self._get_engine().grouped
+        before = config._attn_implementation
+        with contextlib.ExitStack() as stack:
+            if grouped:
+                config._attn_implementation = GROUPED_ATTENTION
+                stack.callback(setattr, config, "_attn_implementation", before)
+            if _packed_linears.available(module):
+                with self.decoding():  # reordering the weights is part of the rollout's generation time
+                    stack.enter_context(_packed_linears.packed_linears(module, batch_hint=min(self.max_batch_size, 8)))
+            yield
+
+    def _decoder(self) -> torch.nn.Module:
+        assert self.model is not None
+        return self._replica if self._replica is not None else self.model
 
     async def generate(self, request: GenerationRequest) -> Generation:
         if request.max_new_tokens <= 0:
@@ -165,13 +219,17 @@ class HFRollout(RolloutBackend):
 
     def _get_engine(self) -> DecodeEngine:
         if self._engine is None:
-            assert self.model is not None
+            module = self._decoder()
+            grouped = self.fast_kernels and supports_grouped_attention(module)
+            if grouped:
+                register_grouped_attention()
             self._engine = DecodeEngine(
-                self._replica if self._replica is not None else self.model,
+                module,
                 eos=self.eos_token_ids(),
                 sampler=lambda logits, gens: sample_next(logits, self.temperature, self.top_p, self.top_k, gens),
                 busy=self.decoding,
                 max_batch_size=self.max_batch_size,
+                grouped=grouped,
             )
         return self._engine
 
