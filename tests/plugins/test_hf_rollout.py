@@ -396,3 +396,21 @@ def test_fast_kernels_in_bfloat16_pick_the_best_token_to_bfloat16_rounding(model
     # bfloat16 keeps 8 bits of mantissa: two kernels may round a logit differently by a few units in the
     # last place, so the greedy choice may differ where two logits are that close, and nowhere else.
     assert bool((best - chosen <= best.abs() * 2**-6).all())
+
+
+def test_decoding_ignores_the_trainers_autocast_region(model_and_tokenizer) -> None:
+    """Lightning runs training_step (and so the rollout, which decodes in its thread) under autocast with
+    bf16-mixed precision: the policy must still decode in its own dtype."""
+    from retool import Problem
+    from retool.testing import EchoExecutor
+
+    model, tokenizer = model_and_tokenizer
+    backend = HFRollout(temperature=1.0, max_new_tokens=10, tools=False, seed=7)
+    backend.bind(model, tokenizer)
+    problems, executor = [Problem("p", "What is 6 * 7?", "42")], EchoExecutor(lambda c: "")
+    # The same session prefix gives the same per-trajectory seeds (the trainer passes one per step).
+    plain = backend.rollout(problems, 2, executor, session_prefix="s0").trajectories
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = backend.rollout(problems, 2, executor, session_prefix="s0").trajectories
+    for a, b in zip(plain, autocast):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

@@ -1,7 +1,8 @@
 """A continuous-batching decode engine over a Hugging Face causal LM and one shared KV cache.
 
-It runs in its own thread. Requests join the running batch at the next decode step (no waiting for the
-batch to finish) and leave it the step they finish, so a trajectory that comes back from a code cell is
+It computes in the thread that serves it (a rollout's calling thread; see ``DecodeEngine``). Requests join
+the running batch at the next decode step (no waiting for the batch to finish) and leave it the step they
+finish, so a trajectory that comes back from a code cell is
 decoding again within one step. When a request stops at a code cell, its row of the KV cache is kept; the
 trajectory's next request (the same tokens plus the interpreter's reply) prefills only the new tokens.
 
@@ -289,7 +290,9 @@ class DecodeEngine:
         if idle and self.grouped:
             self._gather()
         try:
-            with torch.inference_mode(), self.busy():
+            # The serving thread may be the trainer's, inside Lightning's autocast region (bf16-mixed):
+            # decoding computes in the weights' own dtype all the same.
+            with torch.inference_mode(), torch.autocast(self.device.type, enabled=False), self.busy():
                 self._admit()
                 if self._rows:
                     self._step()

@@ -1,9 +1,9 @@
 """HFRollout: decode with the training model itself, through Hugging Face transformers and its KV cache.
 
-Every live trajectory's ``generate`` call joins one continuously batched decode loop (in its own thread,
-see ``_hf_engine``): a trajectory that returns from a code cell rejoins the batch at the next step while
-the others keep decoding, and only the interpreter's tokens are prefilled, on top of the KV cache its
-previous request left behind.
+Every live trajectory's ``generate`` call joins one continuously batched decode loop (served by the thread
+that calls ``rollout()``, see ``_hf_engine``): a trajectory that returns from a code cell rejoins the batch
+at the next step while the others keep decoding, and only the interpreter's tokens are prefilled, on top of
+the KV cache its previous request left behind.
 """
 
 from __future__ import annotations
