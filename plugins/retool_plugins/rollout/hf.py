@@ -94,7 +94,7 @@ class HFRollout(RolloutBackend):
         max_batch_size: Most sequences decoded together; more wait for a free row.
         dtype: Decode with a copy of the weights in this dtype (``bfloat16`` or ``float16``); ``None`` = the
             policy's own module and dtype. On a CPU with bfloat16 matrix units (AMX) a bfloat16 decode step of
-            SmolLM2-135M at batch 8 took 78 ms against 106 ms in fp32; without them it is slower. The
+            SmolLM2-135M at batch 8 took 53 ms against 62 ms in fp32; without them it is slower. The
             sampler's log-probabilities then differ from the trainer's by the rounding
             (``train/sampler_logprob_diff``).
         fast_kernels: Decode with retool's kernels where they apply: a KV cache written in place, grouped-query
