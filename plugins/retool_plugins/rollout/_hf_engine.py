@@ -12,13 +12,13 @@ and all-padding columns on the left are trimmed when rows leave.
 
 Two things make a decode step cheaper than transformers' defaults, and neither changes what is computed:
 
-* ``ColumnCache`` keeps spare columns, so a step writes its keys and values in place; transformers'
-  ``DynamicCache`` concatenates, copying the whole cache at every step (a quarter of a step's time on CPU).
+* The cache (:func:`column_cache`) keeps spare columns, so a step writes its keys and values in place;
+  transformers' ``DynamicCache`` concatenates, copying the whole cache at every step (a sixth of a step's
+  time on CPU).
 * With ``grouped=True`` the engine passes its own additive 4-D masks and the model attends through
-  :func:`grouped_attention`: a decode step multiplies each key/value head with its group of query heads
-  directly, where transformers' SDPA path first copies every key and value once per query head
-  (``repeat_kv``) whenever a padding mask is given. It also lets the prompts and the interpreter replies that
-  join at the same step be prefilled as one padded batch.
+  :func:`grouped_attention` (SDPA with ``enable_gqa``), where transformers' SDPA path first copies every key
+  and value once per query head (``repeat_kv``) whenever a padding mask is given. The engine's masks also
+  let the prompts and the interpreter replies that join at the same step be prefilled as one padded batch.
 """
 
 from __future__ import annotations
@@ -80,23 +80,17 @@ def grouped_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention for the engine's forwards, registered with transformers as ``retool_grouped``.
 
-    ``attention_mask`` is the engine's additive (rows, 1, queries, keys) mask. One new token per row (a decode
-    step): each key/value head attends with its group of query heads as one matrix product over the cache as
-    it lies, strided views included. Prefills go to transformers' SDPA function with the same mask.
+    ``attention_mask`` is the engine's additive (rows, 1, queries, keys) mask. PyTorch's SDPA attends each
+    key/value head with its group of query heads (``enable_gqa``), over the cache as it lies, strided views
+    included. transformers' own SDPA path copies every key and value head once per query head
+    (``repeat_kv``) whenever a mask is given. Measured per layer at batch 8 on a 300-token cache: 107 us in
+    bfloat16 against 610 us for the same grouping written as two matrix products, which copy strided inputs
+    for oneDNN; about the same in fp32.
     """
-    batch, heads, length, dim = query.shape
-    if length > 1 or attention_mask is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    kv_heads = key.shape[1]
-    group = heads // kv_heads
-    scale = scaling if scaling is not None else dim**-0.5
-    q = query.reshape(batch, kv_heads, group, dim)  # query head h reads key/value head h // group
-    scores = torch.matmul(q, key.transpose(-1, -2)).mul_(scale).add_(attention_mask)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(probs, value)  # (batch, kv_heads, group, dim)
-    return out.reshape(batch, 1, heads, dim), None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
 
 
 def supports_grouped_attention(model: torch.nn.Module) -> bool:
