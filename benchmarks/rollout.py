@@ -414,18 +414,12 @@ def decode_steps(model: Any, batch: int, context: int, steps: int, fast: bool, p
     """
     from transformers import DynamicCache
 
-    from retool_plugins.rollout import _hf_engine, _packed_linears
+    from retool_plugins.rollout import _hf_engine
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (batch, context), generator=generator)
-    config = model.config
-    before = config._attn_implementation
-    with contextlib.ExitStack() as stack, torch.inference_mode():
-        if fast:
-            _hf_engine.register_grouped_attention()
-            config._attn_implementation = _hf_engine.GROUPED_ATTENTION
-            stack.callback(setattr, config, "_attn_implementation", before)
-            stack.enter_context(_packed_linears.packed_linears(model))
+    kernels = _hf_engine.fast_kernels(model, grouped=True) if fast else contextlib.nullcontext()
+    with kernels, torch.inference_mode():
         cache = _hf_engine.column_cache() if fast else DynamicCache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         attention = torch.ones((batch, context), dtype=torch.long)

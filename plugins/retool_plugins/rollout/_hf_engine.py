@@ -110,10 +110,25 @@ def supports_grouped_attention(model: torch.nn.Module) -> bool:
     return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
 
 
-def register_grouped_attention() -> None:
+@contextlib.contextmanager
+def fast_kernels(module: torch.nn.Module, grouped: bool, batch_hint: int = 8) -> Iterator[None]:
+    """While open, ``module`` decodes with the engine's kernels: with ``grouped``, its attention is
+    :func:`grouped_attention` (the engine's masks must then be passed); on CPU, its linear layers use
+    oneDNN-reordered copies of their current weights. Both are undone on exit."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+    from retool_plugins.rollout import _packed_linears
+
+    config = module.config
+    before = config._attn_implementation
+    with contextlib.ExitStack() as stack:
+        if grouped:
+            AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+            config._attn_implementation = GROUPED_ATTENTION
+            stack.callback(setattr, config, "_attn_implementation", before)
+        if _packed_linears.available(module):
+            stack.enter_context(_packed_linears.packed_linears(module, batch_hint=batch_hint))
+        yield
 
 
 def _cache_layer_class() -> type:
@@ -383,15 +398,17 @@ class DecodeEngine:
         self, parts: list[tuple[_Kept | None, list[int]]], cached: list[int], new: list[int]
     ) -> tuple[Layers, torch.Tensor]:
         rows, width, length = len(parts), max(cached), max(new)
-        if width:
+        if width:  # the kept rows, right-aligned in zeroed buffers with room for the new tokens
             some = next(kept for kept, _ in parts if kept is not None).layers
-            layers = []
+            buffers = []
             for index, (k0, _) in enumerate(some):
-                blank = k0.new_zeros((1, k0.shape[1], width, k0.shape[3]))
-                pairs = [(_left_pad(kept.layers[index][0], width - c), _left_pad(kept.layers[index][1], width - c))
-                         if kept else (blank, blank) for (kept, _), c in zip(parts, cached)]  # fmt: skip
-                layers.append((torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs])))
-            cache = column_cache(layers)
+                pair = [k0.new_zeros((rows, k0.shape[1], width + length, k0.shape[3])) for _ in range(2)]
+                for i, ((kept, _), c) in enumerate(zip(parts, cached)):
+                    if kept is not None:
+                        for buffer, t in zip(pair, kept.layers[index]):
+                            buffer[i, :, width - c : width] = t[0]
+                buffers.append((pair[0], pair[1]))
+            cache = column_cache(buffers, used=width)
         else:
             cache = column_cache()
         ids = torch.zeros((rows, length), dtype=torch.long)
@@ -546,13 +563,3 @@ def _prefill_groups(requests: list[EngineRequest], new: list[int]) -> list[list[
             groups.append([request])
             real = length
     return groups
-
-
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` with ``n`` zero columns prepended on its sequence axis (dim 2 for cache tensors, 1 for masks)."""
-    if n == 0:
-        return t
-    dim = 2 if t.dim() == 4 else 1
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -21,14 +21,7 @@ from retool._async import run_sync
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
 from retool.rollout.format import ToolFormat
 from retool.types import Trajectory
-from retool_plugins.rollout import _packed_linears
-from retool_plugins.rollout._hf_engine import (
-    GROUPED_ATTENTION,
-    DecodeEngine,
-    EngineRequest,
-    register_grouped_attention,
-    supports_grouped_attention,
-)
+from retool_plugins.rollout._hf_engine import DecodeEngine, EngineRequest, fast_kernels, supports_grouped_attention
 
 
 def sample_next(
@@ -171,22 +164,14 @@ class HFRollout(RolloutBackend):
 
     @contextlib.contextmanager
     def _kernels(self) -> Iterator[None]:
-        """For one rollout, the decoding module attends through the engine's grouped attention and computes
-        its linear layers with weights reordered from the current ones (see ``fast_kernels``)."""
-        module = self._decoder()
+        """For one rollout, the decoding module computes with the engine's kernels (see ``fast_kernels``)."""
         if not self.fast_kernels:
             yield
             return
-        config = module.config
-        grouped = self._get_engine().grouped
-        before = config._attn_implementation
+        engine = self._get_engine()
         with contextlib.ExitStack() as stack:
-            if grouped:
-                config._attn_implementation = GROUPED_ATTENTION
-                stack.callback(setattr, config, "_attn_implementation", before)
-            if _packed_linears.available(module):
-                with self.decoding():  # reordering the weights is part of the rollout's generation time
-                    stack.enter_context(_packed_linears.packed_linears(module, batch_hint=min(self.max_batch_size, 8)))
+            with self.decoding():  # reordering the weights is part of the rollout's generation time
+                stack.enter_context(fast_kernels(engine.model, engine.grouped, batch_hint=min(self.max_batch_size, 8)))
             yield
 
     def _decoder(self) -> torch.nn.Module:
@@ -221,8 +206,6 @@ class HFRollout(RolloutBackend):
         if self._engine is None:
             module = self._decoder()
             grouped = self.fast_kernels and supports_grouped_attention(module)
-            if grouped:
-                register_grouped_attention()
             self._engine = DecodeEngine(
                 module,
                 eos=self.eos_token_ids(),
