@@ -414,13 +414,13 @@ def decode_steps(model: Any, batch: int, context: int, steps: int, fast: bool, p
     """
     from transformers import DynamicCache
 
-    from retool_plugins.rollout import _hf_engine
+    from retool_plugins.rollout.hf import _cache, _kernels
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (batch, context), generator=generator)
-    kernels = _hf_engine.fast_kernels(model, grouped=True) if fast else contextlib.nullcontext()
+    kernels = _kernels.fast_kernels(model, grouped=True) if fast else contextlib.nullcontext()
     with kernels, torch.inference_mode():
-        cache = _hf_engine.column_cache() if fast else DynamicCache()
+        cache = _cache.column_cache() if fast else DynamicCache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         attention = torch.ones((batch, context), dtype=torch.long)
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from retool.answer import ANSWER_CLOSE, ANSWER_OPEN, extract_boxed_answer
 from retool.executor import Executor
 from retool.reward import Reward
 from retool.rollout.format import ToolFormat
@@ -50,10 +51,8 @@ REASONS: tuple[Reason, ...] = ("ok", "format", "no_answer", "cell_failed", "outp
 """Every verdict reason, in the order the checks run (``ok`` first)."""
 
 _CODE_OPEN, _CODE_CLOSE = "<code>", "</code>"
-_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 _CODE_TAG = re.compile(r"</?code>")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ERROR_WORDS = re.compile(r"Traceback|Error\b|Exception\b|timed out|time limit", re.IGNORECASE)
 _SHOWN_CHARS = 80
 
@@ -226,7 +225,7 @@ def _check_answers(
         if score > 0:
             verdicts[i] = dataclasses.replace(verdict, detail=f"{verdict.detail}; answer verified")
         else:
-            given = _final_boxed(texts[i])
+            given = extract_boxed_answer(texts[i])
             verdicts[i] = dataclasses.replace(
                 verdict,
                 kept=False,
@@ -317,47 +316,20 @@ def _parse(response: str, fmt: ToolFormat) -> tuple[list[_Cell], str]:
         before += segment
 
     final = segments[-1][0]
-    answers = model_text.count(_ANSWER_OPEN)
+    answers = model_text.count(ANSWER_OPEN)
     if answers > 1:
         raise _Rejected("format", f"{answers} <answer> blocks; a trace has exactly one, after its last cell")
-    if answers == 1 and _ANSWER_OPEN not in final:
+    if answers == 1 and ANSWER_OPEN not in final:
         raise _Rejected("format", "the <answer> comes before the last cell")
-    start = final.find(_ANSWER_OPEN)
-    close = final.find(_ANSWER_CLOSE, start + 1) if start >= 0 else -1
+    start = final.find(ANSWER_OPEN)
+    close = final.find(ANSWER_CLOSE, start + 1) if start >= 0 else -1
     if start < 0:
         raise _Rejected("no_answer", "no <answer>\\boxed{...}</answer> after the last cell")
     if close < 0:
         raise _Rejected("no_answer", "the <answer> is never closed with </answer>")
-    if _final_boxed(final[start : close + len(_ANSWER_CLOSE)]) is None:
+    if extract_boxed_answer(final[start : close + len(ANSWER_CLOSE)]) is None:
         raise _Rejected("no_answer", "the <answer> block has no closed \\boxed{...}")
     return cells, model_text
-
-
-def _final_boxed(text: str) -> str | None:
-    """The content of the last closed ``\\boxed{...}`` in the last ``<answer>`` block (else anywhere), or None."""
-    start = text.rfind(_ANSWER_OPEN)
-    if start >= 0:
-        close = text.find(_ANSWER_CLOSE, start)
-        inside = _last_boxed(text[start : close if close >= 0 else len(text)])
-        if inside is not None:
-            return inside
-    return _last_boxed(text)
-
-
-def _last_boxed(text: str) -> str | None:
-    found = None
-    for match in _BOXED.finditer(text):
-        depth, pos = 1, match.end()
-        while pos < len(text) and depth:
-            char = text[pos]
-            if char == "\\":
-                pos += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(char, 0)
-            pos += 1
-        if depth == 0:
-            found = text[match.end() : pos - 1].strip()
-    return found
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------

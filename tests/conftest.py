@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# No test reaches a model hub: huggingface_hub reads this once, when it is first imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -16,11 +16,15 @@ def _entry_points() -> dict[str, str]:
 
 
 def test_every_builtin_plugin_module_has_an_entry_point() -> None:
+    """A plugin is a public module or a public folder of a kind's folder (a folder holds one plugin's parts);
+    names that start with an underscore are helpers that plugins share."""
     root = Path(retool_plugins.__file__).parent
     modules = {
-        ".".join(("retool_plugins", *path.relative_to(root).with_suffix("").parts))
-        for path in root.rglob("*.py")
-        if not path.name.startswith("_")
+        f"retool_plugins.{kind.name}.{path.stem}"
+        for kind in root.iterdir()
+        if kind.is_dir() and not kind.name.startswith("_")
+        for path in kind.iterdir()
+        if not path.name.startswith("_") and (path.suffix == ".py" or (path / "__init__.py").is_file())
     }
     registered = {value.split(":")[0] for value in _entry_points().values()}
     assert modules, "no built-in plugin modules found"

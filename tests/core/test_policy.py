@@ -24,7 +24,11 @@ def test_missing_folder_and_non_model_folder_are_clear_errors(tmp_path: Path) ->
 
 
 def test_unreachable_hub_id_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch the network from a test
+    import huggingface_hub.constants
+
+    # Never touch the network from a test: the hub library reads the variable once, at its import.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PolicyLoadError, match="local folder or a built-in name"):
         Policy("retool-test-org/no-such-model").load_tokenizer()
 

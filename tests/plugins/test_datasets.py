@@ -91,7 +91,8 @@ def test_arithmetic_families_filter():
 
 
 def test_arithmetic_unknown_family_names_the_available_ones():
-    with pytest.raises(ValueError, match=r"unknown arithmetic families \['prodcut'\].*modular.*product.*series"):
+    expected = r"unknown ArithmeticProblems families entry 'prodcut'; did you mean 'product'\?.*modular.*series"
+    with pytest.raises(ValueError, match=expected):
         ArithmeticProblems(families=["product", "prodcut"])
 
 

@@ -273,7 +273,7 @@ def test_requests_that_come_back_together_are_prefilled_as_one_batch(model_and_t
 
 
 def test_packed_linears_compute_the_same_and_leave_the_module_as_it_was() -> None:
-    from retool_plugins.rollout import _packed_linears
+    from retool_plugins.rollout.hf import _packed_linears
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 32, bias=False))
@@ -301,7 +301,7 @@ def test_inverse_cdf_sampling_draws_from_the_distribution() -> None:
 
 
 def test_models_with_sliding_windows_take_transformers_path(model_and_tokenizer) -> None:
-    from retool_plugins.rollout._hf_engine import supports_grouped_attention
+    from retool_plugins.rollout.hf._kernels import supports_grouped_attention
 
     model, _ = model_and_tokenizer
     assert supports_grouped_attention(model)

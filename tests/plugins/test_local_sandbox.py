@@ -407,7 +407,7 @@ def test_invalid_options_are_refused(options):
 
 
 def test_strict_refuses_to_start_naming_the_missing_layers(monkeypatch):
-    import retool_plugins.executors.local as local
+    import retool_plugins.executors.local.sandbox as local
 
     monkeypatch.setattr(local, "missing_layers", lambda: {"network": "unshare: Operation not permitted"})
     with pytest.raises(local.SandboxUnavailable, match=r"network \(unshare: Operation not permitted\)"):
@@ -432,7 +432,7 @@ def test_missing_layers_are_warned_about_loudly_once(caplog):
 
 
 def test_a_default_preload_that_is_not_installed_is_skipped_silently(monkeypatch, caplog):
-    import retool_plugins.executors.local as local
+    import retool_plugins.executors.local.sandbox as local
 
     monkeypatch.setattr(local, "DEFAULT_PRELOAD", ["math", "no_such_module_xyz"])
     with caplog.at_level("WARNING"):
@@ -458,8 +458,8 @@ def test_a_dead_zygote_costs_the_sessions_their_state_not_the_trainer():
 
 def test_strict_refuses_every_cell_when_the_zygote_finds_a_layer_missing(monkeypatch):
     # The constructor's probe passes, but the zygote (which applies the layers) reports one missing.
-    import retool_plugins.executors.local as local
-    from retool_plugins.executors import _host
+    import retool_plugins.executors.local.sandbox as local
+    from retool_plugins.executors.local import _host
 
     monkeypatch.setattr(local, "missing_layers", lambda: {})
     real = _host.Zygote.layers.fget

@@ -22,8 +22,8 @@ import pytest
 from processes import descendants
 
 from retool.types import ExecutionResult
-from retool_plugins.executors._isolation import SCRATCH, exposed_paths, hidden_folders
 from retool_plugins.executors.local import LocalSandbox, missing_layers
+from retool_plugins.executors.local._isolation import SCRATCH, exposed_paths, hidden_folders
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the isolation layers are Linux's")
 

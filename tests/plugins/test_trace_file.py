@@ -236,5 +236,5 @@ def test_problems_of_shared_ids_once_and_val_path(tmp_path: Path) -> None:
     assert len(dm.load_traces("train")) == 3
     assert [p.id for p in dm.load_problems("train")] == ["q0", "q1"]
     assert dm.load_problems("val") == [Problem(id="val-1", prompt="What is 9 * 9?", answer="81")]
-    with pytest.raises(ValueError, match=r"val\.jsonl, row 1: no 'prompt'.*val_prompt_field"):
+    with pytest.raises(ValueError, match=r"val\.jsonl:1: no 'prompt'.*val_prompt_field"):
         TraceFile(str(path), val_path=str(val)).load_problems("val")

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from retool.answer import extract_boxed_answer
 from retool.data import ProblemDataModule
 from retool.types import Problem, Trace
-from retool_plugins.datasets.jsonl import _MISSING, _get
-from retool_plugins.rewards.math_answer import extract_boxed_answer
+from retool_plugins.datasets._rows import (
+    MISSING,
+    absent,
+    answer_text,
+    get_field,
+    jsonl_rows,
+    missing_field,
+    read_problems,
+    text_value,
+    without_fields,
+)
 
 LAYOUTS = ("fields", "messages", "retool-sft")
 RETOOL_SFT_MARKER = "*user question:*"
@@ -24,35 +33,8 @@ _REMINDER = re.compile(r"\n\s*Remember to place the final answer in the last par
 _TOOL_ROLES = ("tool", "ipython", "function")
 
 
-def _absent(value: Any) -> bool:
-    return value is _MISSING or value is None
-
-
-def _without(row: dict[str, Any], fields: list[str | None]) -> dict[str, Any]:
-    """A copy of ``row`` without ``fields`` (dotted ones too), dropping the nested objects that end up empty."""
-
-    def drop(obj: dict[str, Any], field: str) -> dict[str, Any]:
-        if field in obj:
-            return {k: v for k, v in obj.items() if k != field}
-        head, _, rest = field.partition(".")
-        if rest and isinstance(obj.get(head), dict):
-            inner = drop(obj[head], rest)
-            return {k: v for k, v in obj.items() if k != head} | ({head: inner} if inner else {})
-        return obj
-
-    out = dict(row)
-    for field in fields:
-        if field is not None:
-            out = drop(out, field)
-    return out
-
-
-def _missing_field(where: str, row: dict[str, Any], field: str, argument: str) -> ValueError:
-    return ValueError(
-        f"{where}: no {field!r} field, or it is null (this row has keys {sorted(row)}); set {argument} to the key "
-        "that holds it (dotted for a nested one, e.g. 'meta.question'), or pick another layout "
-        f"({', '.join(LAYOUTS)})"
-    )
+def _missing_field(where: str, row: dict[str, Any], field: str, option: str) -> ValueError:
+    return missing_field(where, row, field, option, f", or pick another layout ({', '.join(LAYOUTS)})")
 
 
 def retool_sft_question(user_message: str) -> str | None:
@@ -106,9 +88,6 @@ class TraceFile(ProblemDataModule):
 
     Args:
         path: The traces: a ``.jsonl`` or ``.parquet`` file, a dataset folder, or a hub id ``"ORG/NAME"``.
-        batch_size: Traces per SFT step (problems per RL step when the problems are used).
-        seed: Seed of the shuffling order.
-        shuffle: Shuffle the training items each epoch.
         layout: How a row holds its trace: ``"fields"``, ``"messages"`` or ``"retool-sft"`` (see above, and the
             docs page "Cold-start data").
         split: The split of a dataset folder or hub dataset that holds the traces (ignored for files).
@@ -125,14 +104,13 @@ class TraceFile(ProblemDataModule):
         val_prompt_field: Key of the question in ``val_path``'s rows.
         val_answer_field: Key of the answer in ``val_path``'s rows.
         limit: Read at most this many rows of ``path`` (``None`` for all).
+        **kwargs: The options of every dataset (``batch_size``: traces per SFT step, or problems per RL step;
+            ``seed``; ``shuffle``).
     """
 
     def __init__(
         self,
         path: str,
-        batch_size: int = 2,
-        seed: int = 0,
-        shuffle: bool = True,
         layout: Literal["fields", "messages", "retool-sft"] = "fields",
         split: str = "train",
         prompt_field: str = "prompt",
@@ -145,8 +123,9 @@ class TraceFile(ProblemDataModule):
         val_prompt_field: str = "prompt",
         val_answer_field: str = "answer",
         limit: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, shuffle=shuffle)
+        super().__init__(**kwargs)
         if layout not in LAYOUTS:
             raise ValueError(f"TraceFile layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}")
         if num_val < 0:
@@ -219,7 +198,7 @@ class TraceFile(ProblemDataModule):
         if source.is_file():
             suffix = source.suffix.lower()
             if suffix in _JSONL_SUFFIXES:
-                rows: Iterator[tuple[int, dict[str, Any]]] = _jsonl_rows(source, str(self.path))
+                rows: Iterator[tuple[int, dict[str, Any]]] = jsonl_rows(source, str(self.path))
             elif suffix == ".parquet":
                 rows = enumerate(_parquet_rows(source, self.limit), start=1)
             else:
@@ -274,32 +253,14 @@ class TraceFile(ProblemDataModule):
 
     def _val_problems(self) -> list[Problem]:
         assert self.val_path is not None
-        file = Path(self.val_path).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"TraceFile val_path={self.val_path!r} ({file.resolve()}) does not exist; it must be a JSON-lines file "
-                "of problems, one object a line"
-            )
-        problems = []
-        for number, row in _jsonl_rows(file, self.val_path):
-            where = f"{self.val_path}, row {number}"
-            prompt, answer = _get(row, self.val_prompt_field), _get(row, self.val_answer_field)
-            for field, value, argument in (
-                (self.val_prompt_field, prompt, "val_prompt_field"),
-                (self.val_answer_field, answer, "val_answer_field"),
-            ):
-                if _absent(value):
-                    raise _missing_field(where, row, field, argument)
-            problem_id = _MISSING if self.id_field is None else _get(row, self.id_field)
-            problems.append(
-                Problem(
-                    id=f"{file.stem}-{number}" if _absent(problem_id) else str(problem_id),
-                    prompt=_text(prompt, where, self.val_prompt_field),
-                    answer=_answer_text(answer, where, self.val_answer_field),
-                    metadata=_without(row, [self.val_prompt_field, self.val_answer_field, self.id_field]),
-                )
-            )
-        return problems
+        return read_problems(
+            self.val_path,
+            owner="TraceFile",
+            options=("val_path", "val_prompt_field", "val_answer_field"),
+            prompt_field=self.val_prompt_field,
+            answer_field=self.val_answer_field,
+            id_field=self.id_field,
+        )
 
     # ---- one row -> one trace --------------------------------------------------------------------------------
 
@@ -307,19 +268,19 @@ class TraceFile(ProblemDataModule):
         where = f"{self.path}, row {number}"
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
-        answer = _MISSING if self.answer_field is None else _get(row, self.answer_field)
-        answer_text = "" if _absent(answer) else _answer_text(answer, where, str(self.answer_field))
+        answer = MISSING if self.answer_field is None else get_field(row, self.answer_field)
+        gold = "" if absent(answer) else answer_text(answer, where, str(self.answer_field))
         metadata: dict[str, Any] = {}
         if self.layout == "fields":
-            prompt, response = _get(row, self.prompt_field), _get(row, self.response_field)
+            prompt, response = get_field(row, self.prompt_field), get_field(row, self.response_field)
             for field, value, argument in (
                 (self.prompt_field, prompt, "prompt_field"),
                 (self.response_field, response, "response_field"),
             ):
-                if _absent(value):
+                if absent(value):
                     raise _missing_field(where, row, field, argument)
-            prompt = _text(prompt, where, self.prompt_field)
-            response = _text(response, where, self.response_field)
+            prompt = text_value(prompt, where, self.prompt_field)
+            response = text_value(response, where, self.response_field)
             used = [self.prompt_field, self.response_field]
         else:
             prompt, response = self._from_messages(row, where)
@@ -332,23 +293,23 @@ class TraceFile(ProblemDataModule):
                         "ReTool-SFT layout; use layout='messages' for plain chats"
                     )
                 prompt = question
-                if _absent(answer):
-                    answer_text = extract_boxed_answer(response) or ""
+                if absent(answer):
+                    gold = extract_boxed_answer(response) or ""
                     metadata["answer_from"] = "trace"
-        problem_id = _MISSING if self.id_field is None else _get(row, self.id_field)
+        problem_id = MISSING if self.id_field is None else get_field(row, self.id_field)
         stem = Path(str(self.path)).stem
         problem = Problem(
-            id=f"{stem}-{number}" if _absent(problem_id) else str(problem_id),
+            id=f"{stem}-{number}" if absent(problem_id) else str(problem_id),
             prompt=prompt,
-            answer=answer_text,
-            metadata=_without(row, [*used, self.answer_field, self.id_field]) | metadata,
+            answer=gold,
+            metadata=without_fields(row, [*used, self.answer_field, self.id_field]) | metadata,
         )
         return Trace(problem=problem, response=response, metadata={"source": str(self.path), "row": number} | metadata)
 
     def _from_messages(self, row: dict[str, Any], where: str) -> tuple[str, str]:
         """(first user message, last assistant message) of the row's chat."""
-        messages = _get(row, self.messages_field)
-        if _absent(messages):
+        messages = get_field(row, self.messages_field)
+        if absent(messages):
             raise _missing_field(where, row, self.messages_field, "messages_field")
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -376,22 +337,6 @@ class TraceFile(ProblemDataModule):
 # ---- sources --------------------------------------------------------------------------------------------------
 
 
-def _jsonl_rows(file: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    with file.open(encoding="utf-8-sig") as lines:  # -sig: tolerate a byte-order mark
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{shown}, row {number}: not valid JSON ({error.msg}); each line must hold one JSON object"
-                ) from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{shown}, row {number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
-
-
 def _parquet_rows(file: Path, limit: int | None) -> list[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
@@ -417,15 +362,3 @@ def _head(data: Any, limit: int | None) -> list[dict[str, Any]]:
     if limit is not None and limit < len(data):
         data = data.select(range(limit))
     return data.to_list()
-
-
-def _text(value: Any, where: str, field: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {field!r} must be text, got {type(value).__name__}")
-    return value
-
-
-def _answer_text(value: Any, where: str, field: str) -> str:
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ValueError(f"{where}: {field!r} must be text or a number, got {type(value).__name__}")
-    return str(value)

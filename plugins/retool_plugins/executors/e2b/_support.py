@@ -1,5 +1,5 @@
-"""Helpers of :mod:`retool_plugins.executors.e2b` that do not need its state: output clipping, what a failed
-request means, the lazy SDK import and the exit-time kill. Nothing here imports the SDK at module level."""
+"""Helpers of :class:`E2BExecutor` that do not need its state: what a failed request means, the lazy SDK import
+and the exit-time kill. Nothing here imports the SDK at module level."""
 
 from __future__ import annotations
 
@@ -13,52 +13,7 @@ logger = logging.getLogger("retool_plugins.executors.e2b")
 
 INSTALL_HINT = "E2BExecutor needs the E2B SDK: pip install 'retool[e2b]'"
 RETRY, LOST, FATAL = "retry", "lost", "fatal"
-_MARKER = "\n...[{} chars cut]...\n"
 _STATUS = re.compile(r"^(\d{3})\b")  # the SDK's code-interpreter errors start with the HTTP status
-
-
-class Clip:
-    """The head and a rolling tail of a stream, in memory bounded by ``2 * cap`` characters."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap, self.head, self.tail, self.total = cap, "", "", 0
-
-    def add(self, text: str) -> None:
-        self.total += len(text)
-        room = self.cap - len(self.head)
-        if room > 0:
-            self.head, text = self.head + text[:room], text[room:]
-        if text:
-            self.tail = (self.tail + text[-self.cap :])[-self.cap :]
-
-    def render(self, budget: int) -> tuple[str, bool]:
-        """The stream in at most ``budget`` characters (plus a marker); whether it was cut."""
-        if self.total <= budget:
-            return self.head + self.tail, False
-        keep_head = (budget + 1) // 2
-        joined = self.head + self.tail  # its end is the stream's end, whether or not a middle was dropped
-        tail = joined[len(joined) - (budget - keep_head) :]
-        return self.head[:keep_head] + _MARKER.format(self.total - budget) + tail, True
-
-
-def clip_text(text: str, budget: int) -> tuple[str, bool]:
-    clip = Clip(budget)
-    clip.add(text)
-    return clip.render(budget)
-
-
-def fit(out: Clip, err: Clip, budget: int) -> tuple[str, str, bool]:
-    """stdout and stderr in one ``budget``: a short stream keeps all of it, two long ones get half each."""
-    if out.total + err.total <= budget:
-        b_out, b_err = out.total, err.total
-    elif err.total <= budget // 2:
-        b_out, b_err = budget - err.total, err.total
-    elif out.total <= budget - budget // 2:
-        b_out, b_err = out.total, budget - out.total
-    else:
-        b_out, b_err = budget - budget // 2, budget // 2
-    (stdout, cut_out), (stderr, cut_err) = out.render(b_out), err.render(b_err)
-    return stdout, stderr, cut_out or cut_err
 
 
 def sdk() -> Any:

@@ -38,11 +38,11 @@ from typing import Any
 
 from retool.executor import Executor
 from retool.types import CheckResult, ExecutionResult
-from retool_plugins.executors import _host
-from retool_plugins.executors._host import Cgroups, Zygote, ZygoteLost
-from retool_plugins.executors._pool import Pool, Worker, WorkerLost, describe, finalize, spawn_task, worker_env
+from retool_plugins.executors.local import _host
+from retool_plugins.executors.local._host import Cgroups, Zygote, ZygoteLost
+from retool_plugins.executors.local._pool import Pool, Worker, WorkerLost, describe, finalize, spawn_task, worker_env
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("retool_plugins.executors.local")
 
 DEFAULT_PRELOAD = ["math", "fractions", "itertools", "numpy", "sympy"]
 _FSIZE_BYTES = 64 * 1024 * 1024  # largest file a cell may write
@@ -172,7 +172,7 @@ class LocalSandbox(Executor):
 
     async def self_check(self) -> list[CheckResult]:
         """Report each isolation layer and attack it from a cell (see ``retool sandbox check``)."""
-        from retool_plugins.executors._checks import run_checks
+        from retool_plugins.executors.local._checks import run_checks
 
         return await run_checks(self)
 
@@ -329,7 +329,7 @@ class LocalSandbox(Executor):
 
 def missing_layers() -> dict[str, str]:
     """The isolation layers this machine lacks, ``{layer: why}``, found by probing in a fresh interpreter."""
-    command = [sys.executable, "-I", "-m", "retool_plugins.executors._isolation"]
+    command = [sys.executable, "-I", "-m", "retool_plugins.executors.local._isolation"]
     try:
         done = subprocess.run(command, capture_output=True, timeout=60, check=True, env=worker_env(), cwd="/")
         found = json.loads(done.stdout)

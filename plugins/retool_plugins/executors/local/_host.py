@@ -187,7 +187,7 @@ class Zygote:
         # macOS has no AF_UNIX SOCK_SEQPACKET: datagrams keep the boundaries, and spawn() times out instead.
         kind = socket.SOCK_SEQPACKET if sys.platform.startswith("linux") else socket.SOCK_DGRAM
         mine, theirs = socket.socketpair(socket.AF_UNIX, kind)
-        argv = [sys.executable, "-I", "-m", "retool_plugins.executors._zygote", str(theirs.fileno())]
+        argv = [sys.executable, "-I", "-m", "retool_plugins.executors.local._zygote", str(theirs.fileno())]
         try:
             # Started from the loop's thread, as asyncio's own subprocesses are: the zygote asks to be killed
             # when the thread that started it ends (PR_SET_PDEATHSIG), and this thread lives with the loop.

@@ -1,6 +1,6 @@
 """The zygote: a warm Python process that forks one sandboxed worker per LocalSandbox session.
 
-The trainer starts it once per sandbox as ``python -I -m retool_plugins.executors._zygote CTRL_FD CONFIG``, with
+The trainer starts it once per sandbox as ``python -I -m retool_plugins.executors.local._zygote CTRL_FD CONFIG``, with
 a scrubbed environment and fds 0-2 on ``/dev/null``; it never forks the trainer itself, whose threads make
 ``fork`` unsafe. The zygote joins the sandbox's cgroups, probes which isolation layers the machine supports,
 imports the preloaded modules (numpy, sympy, ...) and warms them up, then serves the trainer on ``CTRL_FD``, a
@@ -36,8 +36,8 @@ import time
 import traceback
 from typing import Any
 
-from retool_plugins.executors import _isolation as iso
-from retool_plugins.executors import _worker
+from retool_plugins.executors.local import _isolation as iso
+from retool_plugins.executors.local import _worker
 
 ALWAYS_ON = {
     "environment": "the worker's environment is built from nothing: 8 fixed variables, none of the trainer's",

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from retool_plugins.executors import _host, _worker
-from retool_plugins.executors._host import Cgroups, UidPool, Zygote, ZygoteLost
+from retool_plugins.executors.local import _host, _worker
+from retool_plugins.executors.local._host import Cgroups, UidPool, Zygote, ZygoteLost
 
 logger = logging.getLogger("retool_plugins.executors.local")
 

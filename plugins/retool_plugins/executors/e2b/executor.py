@@ -28,15 +28,13 @@ from typing import Any, Literal
 
 from retool.executor import Executor
 from retool.types import ExecutionResult, StopReason
-from retool_plugins.executors._e2b_support import (
+from retool_plugins.executors._output import Clip, clip_text, error_budget, fit
+from retool_plugins.executors.e2b._support import (
     FATAL,
     LOST,
     RETRY,
-    Clip,
     accepts,
     classify,
-    clip_text,
-    fit,
     is_running,
     kill_leftovers,
     logger,
@@ -363,7 +361,8 @@ class E2BExecutor(Executor):
     ) -> ExecutionResult:
         stdout, stderr, truncated = fit(out, err, self.max_output_chars)
         if error is not None:  # a message can be huge: raise ValueError("x" * 10**8)
-            error, cut = clip_text(error, max(self.max_output_chars, 200))
+            budget = error_budget(self.max_output_chars)
+            error, cut = clip_text(error, budget).render(budget)
             truncated = truncated or cut
         truncated = fields.pop("truncated", False) or truncated
         return ExecutionResult(stdout, stderr, error, truncated=truncated, stop_reason=stop_reason, **fields)

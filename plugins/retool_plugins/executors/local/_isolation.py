@@ -428,5 +428,5 @@ def _probe_child() -> dict[str, tuple[bool, str]]:  # pragma: no cover - runs in
     return report
 
 
-if __name__ == "__main__":  # `python -m retool_plugins.executors._isolation` prints what probe() finds
+if __name__ == "__main__":  # `python -m retool_plugins.executors.local._isolation` prints what probe() finds
     print(json.dumps(probe()))

@@ -34,11 +34,10 @@ from typing import Any
 
 import torch
 
-Sampler = Callable[[torch.Tensor, list[torch.Generator]], tuple[torch.Tensor, torch.Tensor]]
-Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per model layer: keys, values (rows, heads, length, dim)
+from retool_plugins.rollout.hf._cache import ROOM, Layers, column_cache
 
-GROUPED_ATTENTION = "retool_grouped"  # the name under which grouped_attention is registered with transformers
-_ROOM = 64  # spare columns a cache buffer is given when it is (re)built
+Sampler = Callable[[torch.Tensor, list[torch.Generator]], tuple[torch.Tensor, torch.Tensor]]
+
 _PREFILL_TOKENS = 8192  # most tokens (rows x padded length) in one batched prefill
 _PAD_SLACK = 512  # padding tokens a batched prefill may always add
 _WAKE = object()  # put in the inbox to wake a serving thread that waits for requests
@@ -66,134 +65,6 @@ class _Kept:
 
     token_ids: list[int]  # the tokens whose keys and values are in ``layers``
     layers: Layers  # per layer (1, heads, len, dim)
-
-
-def grouped_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Attention for the engine's forwards, registered with transformers as ``retool_grouped``.
-
-    ``attention_mask`` is the engine's additive (rows, 1, queries, keys) mask. PyTorch's SDPA attends each
-    key/value head with its group of query heads (``enable_gqa``), over the cache as it lies, strided views
-    included. transformers' own SDPA path copies every key and value head once per query head
-    (``repeat_kv``) whenever a mask is given. Measured per layer at batch 8 on a 300-token cache: 107 us in
-    bfloat16 against 610 us for the same grouping written as two matrix products, which copy strided inputs
-    for oneDNN; about the same in fp32.
-    """
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling, enable_gqa=True
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def supports_grouped_attention(model: torch.nn.Module) -> bool:
-    """Whether the engine's masks and :func:`grouped_attention` compute what the model's own attention does.
-
-    Every layer must attend to the whole context (no sliding window, whose mask transformers builds from
-    its own 2-D masks), without logit soft-capping, through transformers' attention interface.
-    """
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", GROUPED_ATTENTION):
-        return False
-    if any(getattr(config, name, None) for name in ("attn_logit_softcapping", "attention_chunk_size")):
-        return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return all(kind == "full_attention" for kind in layer_types)
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
-
-
-@contextlib.contextmanager
-def fast_kernels(module: torch.nn.Module, grouped: bool, batch_hint: int = 8) -> Iterator[None]:
-    """While open, ``module`` decodes with the engine's kernels: with ``grouped``, its attention is
-    :func:`grouped_attention` (the engine's masks must then be passed); on CPU, its linear layers use
-    oneDNN-reordered copies of their current weights. Both are undone on exit."""
-    from transformers import AttentionInterface
-
-    from retool_plugins.rollout import _packed_linears
-
-    config = module.config
-    before = config._attn_implementation
-    with contextlib.ExitStack() as stack:
-        if grouped:
-            AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
-            config._attn_implementation = GROUPED_ATTENTION
-            stack.callback(setattr, config, "_attn_implementation", before)
-        if _packed_linears.available(module):
-            stack.enter_context(_packed_linears.packed_linears(module, batch_hint=batch_hint))
-        yield
-
-
-def _cache_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class ColumnLayer(DynamicLayer):
-        """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers with spare columns."""
-
-        def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
-            super().__init__()
-            if keys is not None and values is not None:
-                self.adopt(keys, values)
-
-        def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-            """Hold a copy of ``keys``/``values`` with room to grow."""
-            used = keys.shape[2]
-            self.hold(_with_room(keys, used + _ROOM), _with_room(values, used + _ROOM), used)
-            self._k[:, :, :used], self._v[:, :, :used] = keys, values
-
-        def hold(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
-            """Take ``keys``/``values`` as the buffers, of which the first ``used`` columns hold tokens."""
-            self.dtype, self.device = keys.dtype, keys.device
-            self._k, self._v = keys, values
-            self.keys, self.values = keys[:, :, :used], values[:, :, :used]
-            self.is_initialized = True
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if not self.is_initialized:
-                self.adopt(key_states, value_states)
-                return self.keys, self.values
-            used, new = self.keys.shape[2], key_states.shape[2]
-            if used + new > self._k.shape[2]:  # out of room: double it (one copy, amortised over many steps)
-                keys, values, size = self.keys, self.values, max(used + new, 2 * used)
-                self.hold(_with_room(keys, size), _with_room(values, size), used)
-                self._k[:, :, :used], self._v[:, :, :used] = keys, values
-            self._k[:, :, used : used + new] = key_states
-            self._v[:, :, used : used + new] = value_states
-            self.keys, self.values = self._k[:, :, : used + new], self._v[:, :, : used + new]
-            return self.keys, self.values
-
-    return ColumnLayer
-
-
-_column_layer: type | None = None
-
-
-def column_cache(layers: Layers | None = None, used: int | None = None) -> Any:
-    """A transformers ``Cache`` of ``ColumnLayer``s: empty, holding a copy of ``layers``, or, with ``used``,
-    taking ``layers`` as its buffers (their first ``used`` columns hold tokens)."""
-    global _column_layer
-    from transformers.cache_utils import Cache
-
-    if _column_layer is None:
-        _column_layer = _cache_layer_class()
-    if layers is None:
-        return Cache(layer_class_to_replicate=_column_layer)
-    cache = Cache(layers=[_column_layer() for _ in layers])
-    for layer, (keys, values) in zip(cache.layers, layers):
-        layer.hold(keys, values, used) if used is not None else layer.adopt(keys, values)
-    return cache
-
-
-def _with_room(t: torch.Tensor, columns: int) -> torch.Tensor:
-    """An uninitialised buffer like ``t`` (rows, heads, length, dim) with ``columns`` columns."""
-    return t.new_empty((t.shape[0], t.shape[1], columns, t.shape[3]))
 
 
 class DecodeEngine:
@@ -468,7 +339,7 @@ class DecodeEngine:
             pair = []
             for part, current in ((k, self._cache.layers[index].keys if self._cache else None),
                                   (v, self._cache.layers[index].values if self._cache else None)):  # fmt: skip
-                out = part.new_zeros((batch, part.shape[1], width + _ROOM, part.shape[3]))
+                out = part.new_zeros((batch, part.shape[1], width + ROOM, part.shape[3]))
                 if current is not None:
                     out[: len(self._rows), :, width - old : width] = current
                 for i, (c, n) in enumerate(zip(cached, new)):

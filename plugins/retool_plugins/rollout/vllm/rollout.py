@@ -37,7 +37,7 @@ INSTALL_HINT = (
     "they break `import vllm`; `make test-vllm` shows every step)"
 )
 
-_WORKER_EXTENSION = "retool_plugins.rollout._vllm_worker.WeightReceiver"
+_WORKER_EXTENSION = "retool_plugins.rollout.vllm._worker.WeightReceiver"
 
 
 def _import_vllm() -> None:
@@ -70,7 +70,7 @@ class VLLMRollout(RolloutBackend):
 
     The engine starts on the first rollout, from a snapshot of the bound policy saved to a temporary folder.
     After each optimizer step the algorithm pushes the trainer's weights with :meth:`load_weights` (through a
-    temporary file that vLLM's worker memory-maps, see ``_vllm_worker``) and the prefix cache is reset, since
+    temporary file that vLLM's worker memory-maps, see ``_worker.py``) and the prefix cache is reset, since
     its keys and values were computed with the old weights.
 
     Log-probabilities are those of the temperature-scaled distribution, as HFRollout's and the trainer's. With
@@ -317,7 +317,7 @@ class VLLMRollout(RolloutBackend):
         """:meth:`load_weights` from a coroutine on the rollout's event loop."""
         engine = self._get_engine()
         assert self._snapshot is not None
-        # Through a file beside the snapshot (see _vllm_worker for why not through the RPC channel itself).
+        # Through a file beside the snapshot (see _worker.py for why not through the RPC channel itself).
         path = Path(self._snapshot.name) / "update.pt"
         try:
             await asyncio.to_thread(torch.save, _cpu_tensors(state_dict), path)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from retool.types import CheckResult, ExecutionResult
 
 if TYPE_CHECKING:
-    from retool_plugins.executors.local import LocalSandbox
+    from retool_plugins.executors.local.sandbox import LocalSandbox
 
 ORDER = (
     "network", "filesystem", "pid-namespace", "ipc", "user", "process-limit", "seccomp", "cgroups",

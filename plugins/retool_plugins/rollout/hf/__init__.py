@@ -1,7 +1,7 @@
 """HFRollout: decode with the training model itself, through Hugging Face transformers and its KV cache.
 
 Every live trajectory's ``generate`` call joins one continuously batched decode loop (served by the thread
-that calls ``rollout()``, see ``_hf_engine``): a trajectory that returns from a code cell rejoins the batch
+that calls ``rollout()``, see ``_engine.py``): a trajectory that returns from a code cell rejoins the batch
 at the next step while the others keep decoding, and only the interpreter's tokens are prefilled, on top of
 the KV cache its previous request left behind.
 """
@@ -21,7 +21,8 @@ from retool._async import run_sync
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
 from retool.rollout.format import ToolFormat
 from retool.types import Trajectory
-from retool_plugins.rollout._hf_engine import DecodeEngine, EngineRequest, fast_kernels, supports_grouped_attention
+from retool_plugins.rollout.hf._engine import DecodeEngine, EngineRequest
+from retool_plugins.rollout.hf._kernels import fast_kernels, supports_grouped_attention
 
 
 def sample_next(
