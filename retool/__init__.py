@@ -2,10 +2,11 @@
 
 The public API. Everything here is re-exported from a private module and held stable by a test of
 ``__all__``; plugin authors subclass the base classes (``Executor``, ``RolloutBackend``, ``Reward``,
-``Algorithm``, ``ProblemDataModule``) and exchange the dataclasses of :mod:`retool.types`.
+``Algorithm`` or ``PolicyGradient``, ``ProblemDataModule``) and exchange the dataclasses of :mod:`retool.types`.
 """
 
-from retool.algorithm import Algorithm, PolicyBatch
+from retool.algorithm import Algorithm, PolicyBatch, PolicyGradient
+from retool.answer import extract_boxed_answer, last_boxed
 from retool.data import ProblemDataModule
 from retool.executor import Executor
 from retool.metrics import rollout_metrics
@@ -20,7 +21,17 @@ from retool.rollout import (
     TextOnlyFormat,
     ToolFormat,
 )
-from retool.types import CheckResult, ExecutionResult, Problem, RewardOutput, ToolCall, Trace, Trajectory
+from retool.types import (
+    CheckResult,
+    EvalRecord,
+    ExecutionResult,
+    Problem,
+    RewardOutput,
+    StepRecord,
+    ToolCall,
+    Trace,
+    Trajectory,
+)
 
 __version__ = "0.1.0"
 
@@ -28,12 +39,14 @@ __all__ = [
     "BUILTIN_MODELS",
     "Algorithm",
     "CheckResult",
+    "EvalRecord",
     "ExecutionResult",
     "Executor",
     "Generation",
     "GenerationRequest",
     "Policy",
     "PolicyBatch",
+    "PolicyGradient",
     "PolicyLoadError",
     "Problem",
     "ProblemDataModule",
@@ -42,11 +55,14 @@ __all__ = [
     "RewardOutput",
     "RolloutBackend",
     "RolloutResult",
+    "StepRecord",
     "TextOnlyFormat",
     "ToolCall",
     "ToolFormat",
     "Trace",
     "Trajectory",
     "__version__",
+    "extract_boxed_answer",
+    "last_boxed",
     "rollout_metrics",
 ]

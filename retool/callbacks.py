@@ -5,7 +5,6 @@ files (per-step metrics, a readable sample of trajectories, the exported policy)
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-# (header, metric key, format) of the row printed after each step; an algorithm may set its own
-# (``Algorithm.table_columns``: SFT shows its loss instead of rewards).
-COLUMNS: list[tuple[str, str, str]] = [
-    ("reward", "reward/mean", "{:+.2f}"),
-    ("acc", "reward/correct", "{:.2f}"),
-    ("tokens", "response/model_tokens", "{:.0f}"),
-    ("calls", "tools/calls", "{:.2f}"),
-    ("cell ok", "tools/cell_ok", "{:.2f}"),
-    ("gen s", "time/generate_s", "{:.1f}"),
-    ("tool s", "time/tool_wait_s", "{:.1f}"),
-    ("upd s", "time/update_s", "{:.1f}"),
-    ("tok/s", "perf/generate_tokens_per_s", "{:.0f}"),
-]
-
-
-def _fmt(fmt: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return fmt.format(value)
+from retool.tables import STEP_COLUMNS, format_value
+from retool.types import EvalRecord, StepRecord
 
 
 class StepTable(ProgressBar):
@@ -54,8 +36,8 @@ class StepTable(ProgressBar):
         self._progress: Progress | None = None
         self._task: Any = None
         self._enabled = True
-        self.columns: list[tuple[str, str, str]] = list(COLUMNS)
-        self.evaluations: list[dict[str, Any]] = []
+        self.columns: list[tuple[str, str, str]] = list(STEP_COLUMNS)
+        self.evaluations: list[EvalRecord] = []
 
     def disable(self) -> None:
         self._enabled = False
@@ -72,16 +54,17 @@ class StepTable(ProgressBar):
         return [max(len(h), 6) for h, _, _ in self.columns]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.columns = list(getattr(pl_module, "table_columns", COLUMNS))
+        self.columns = list(getattr(pl_module, "table_columns", STEP_COLUMNS))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        result = getattr(pl_module, "last_evaluation", None)
-        if not result or (self.evaluations and self.evaluations[-1] is result):
+        record: EvalRecord | None = getattr(pl_module, "last_evaluation", None)
+        if record is None or (self.evaluations and self.evaluations[-1] is record):
             return
-        self.evaluations.append(result)
+        self.evaluations.append(record)
         if not self.is_enabled:
             return
-        parts = [f"[bold]eval[/] at step {result['step']}: accuracy {result['eval/accuracy']:.3f}"]
+        result = record.metrics
+        parts = [f"[bold]eval[/] at step {record.step}: accuracy {result['eval/accuracy']:.3f}"]
         parts += [f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith(("eval/avg@", "eval/pass@"))]
         parts += [
             f"code ratio {result['eval/code_ratio']:.2f}",
@@ -114,11 +97,12 @@ class StepTable(ProgressBar):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        metrics = outputs.get("metrics", {}) if isinstance(outputs, dict) else {}
+        record: StepRecord | None = getattr(pl_module, "last_step", None)
+        metrics = record.metrics if record is not None else {}
         self.history.append(dict(metrics))
         if not self.is_enabled or self._progress is None:
             return
-        cells = [_fmt(f, metrics.get(key)).rjust(w) for (_, key, f), w in zip(self.columns, self._widths)]
+        cells = [format_value(metrics.get(key), f).rjust(w) for (_, key, f), w in zip(self.columns, self._widths)]
         self._progress.console.print("  ".join([str(trainer.global_step).rjust(5), *cells]), soft_wrap=True)
         self._progress.update(self._task, completed=trainer.global_step)
 
@@ -143,7 +127,8 @@ class StepTable(ProgressBar):
             values = [h[key] for h in self.history if key in h]
             if not values:
                 continue
-            table.add_row(header, _fmt(fmt, values[0]), _fmt(fmt, values[-1]), _fmt(fmt, sum(values) / len(values)))
+            mean = sum(values) / len(values)
+            table.add_row(header, format_value(values[0], fmt), format_value(values[-1], fmt), format_value(mean, fmt))
         return table
 
 
@@ -161,32 +146,33 @@ class RunArtifacts(Callback):
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.exported: Path | None = None
-        self._last_written: dict[str, Any] | None = None
+        self._last_written: EvalRecord | None = None
 
     @rank_zero_only
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not isinstance(outputs, dict):
+        record: StepRecord | None = getattr(pl_module, "last_step", None)
+        if record is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": trainer.global_step, **outputs.get("metrics", {})}) + "\n")
+            f.write(json.dumps({"step": record.step, **record.metrics}) + "\n")
         with open(self.run_dir / "trajectories.jsonl", "a", encoding="utf-8") as f:
-            for sample in outputs.get("samples", []):
+            for sample in record.samples:
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        result = getattr(pl_module, "last_evaluation", None)
-        if not result or result is self._last_written or trainer.sanity_checking:
+        record: EvalRecord | None = getattr(pl_module, "last_evaluation", None)
+        if record is None or record is self._last_written or trainer.sanity_checking:
             return
-        self._last_written = result
+        self._last_written = record
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "evaluation.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(result) + "\n")
+            f.write(json.dumps(record.row()) + "\n")
         with open(self.run_dir / "eval_trajectories.jsonl", "a", encoding="utf-8") as f:
-            for sample in getattr(pl_module, "last_eval_samples", []):
+            for sample in record.samples:
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
     @rank_zero_only

@@ -103,6 +103,21 @@ def discover(blocked: Iterable[str] = ()) -> list[PluginInfo]:
     return sorted(found.values(), key=lambda p: (p.kind, p.name))
 
 
+def resolve(kind: str, name: str, plugins: Iterable[PluginInfo]) -> type:
+    """The ``kind`` plugin class that ``name`` (a discovered plugin's name, or a class path) names.
+
+    Raises:
+        PluginError: as :func:`check_class_path` does, naming the nearest plugin and the ones available.
+    """
+    plugins = list(plugins)
+    check_class_path(kind, name, plugins)
+    for plugin in plugins:
+        if plugin.kind == kind and plugin.name == name:
+            return plugin.cls
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)  # check_class_path has vetted it
+
+
 def check_class_path(kind: str, class_path: str, plugins: Iterable[PluginInfo]) -> None:
     """Raise :class:`PluginError` unless ``class_path`` names a usable ``kind`` plugin.
 

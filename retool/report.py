@@ -1,25 +1,23 @@
-"""``retool report RUN_DIR [RUN_DIR ...] [--out DIR] [--max-per-step N]``: what a run did, readable after the fact.
+"""What a run did, readable after the fact: its files read back, its curves drawn, its trajectories as a page.
 
-For each run directory written by ``retool fit`` it draws the training and evaluation curves (``training.png``,
-``evaluation.png``), writes a self-contained page of sampled trajectories (``trajectories.html``) and prints a
-table of the evaluations; given several runs (the stages of a pipeline, or seeds) it also prints one row per run
-with its first and last evaluation accuracy. ``load_run``, ``write_report`` and ``plot_curves`` are public so
-that a script can compare runs on one figure. matplotlib is imported only when a figure is drawn.
+``load_run`` reads a run directory written by ``retool fit``; ``write_report`` draws its training and evaluation
+curves (``training.png``, ``evaluation.png``) and writes a self-contained page of sampled trajectories
+(``trajectories.html``); ``plot_curves`` and ``plot_panels`` let a script compare runs on one figure. The
+``retool report`` command (:mod:`retool.cli.report`) is built from these. matplotlib is imported only when a
+figure is drawn.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
-
-USAGE = "usage: retool report RUN_DIR [RUN_DIR ...] [--out DIR] [--max-per-step N]"
+from typing import Any
 
 Points = list[tuple]  # (step, value) or (step, value, spread): the spread is drawn as a band of ± spread
 
@@ -50,7 +48,30 @@ _ERROR = re.compile(r"Traceback \(most recent call last\)|\b\w+(?:Error|Exceptio
 
 
 class ReportError(Exception):
-    """A usage or input problem: ``main`` prints it as one ``error:`` line and returns 2."""
+    """A run directory that cannot be read: the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run directory, read back.
+
+    Args:
+        path: The directory.
+        name: Its folder's name.
+        algorithm: The recipe's ``algorithm.class_path``, when ``recipe.yaml`` is there and readable.
+        metrics: The rows of ``metrics.jsonl`` (one per training step).
+        evaluation: The rows of ``evaluation.jsonl`` (one per evaluation on held-out problems).
+        trajectories: The rows of ``trajectories.jsonl`` (sampled training trajectories).
+        eval_trajectories: The rows of ``eval_trajectories.jsonl`` (the evaluations' greedy answers).
+    """
+
+    path: Path
+    name: str
+    algorithm: str | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
+    trajectories: list[dict[str, Any]] = field(default_factory=list)
+    eval_trajectories: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _warn(message: str) -> None:
@@ -79,9 +100,8 @@ def read_jsonl(path: Path, warn: Callable[[str], None] = _warn) -> list[dict[str
     return rows
 
 
-def load_run(run_dir: str | Path, warn: Callable[[str], None] = _warn) -> dict[str, Any]:
-    """Read a run directory: ``{"path", "name", "algorithm", "metrics", "evaluation", "trajectories",
-    "eval_trajectories"}``, each of the last four a list of the rows of its ``.jsonl`` file ([] when absent).
+def load_run(run_dir: str | Path, warn: Callable[[str], None] = _warn) -> RunRecord:
+    """Read a run directory; each list of the record holds the rows of its ``.jsonl`` file ([] when absent).
 
     Raises:
         ReportError: the directory does not exist or holds neither metrics.jsonl nor evaluation.jsonl.
@@ -91,10 +111,9 @@ def load_run(run_dir: str | Path, warn: Callable[[str], None] = _warn) -> dict[s
         raise ReportError(
             f"{str(run_dir)!r} is not a run directory (no metrics.jsonl or evaluation.jsonl); run retool fit first"
         )
-    run: dict[str, Any] = {"path": path, "name": path.resolve().name, "algorithm": _algorithm(path)}
-    for key in ("metrics", "evaluation", "trajectories", "eval_trajectories"):
-        run[key] = read_jsonl(path / f"{key}.jsonl", warn)
-    return run
+    files = ("metrics", "evaluation", "trajectories", "eval_trajectories")
+    rows = {key: read_jsonl(path / f"{key}.jsonl", warn) for key in files}
+    return RunRecord(path=path, name=path.resolve().name, algorithm=_algorithm(path), **rows)
 
 
 def _algorithm(path: Path) -> str | None:
@@ -186,7 +205,7 @@ def _panels(rows: Sequence[dict[str, Any]], spec: list[Panel]) -> list[tuple[str
 
 
 def write_report(
-    run_dir: str | Path, out_dir: str | Path | None = None, *, max_per_step: int = 4, run: dict | None = None
+    run_dir: str | Path, out_dir: str | Path | None = None, *, max_per_step: int = 4, run: RunRecord | None = None
 ) -> list[Path]:
     """Write a run's figures and trajectory page into ``out_dir`` (default ``RUN_DIR/report``); return the paths.
 
@@ -195,16 +214,16 @@ def write_report(
     run = run or load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    metrics, evaluation, written = run["metrics"], run["evaluation"], []
+    metrics, evaluation, written = run.metrics, run.evaluation, []
     sft = not series(metrics, "reward/mean") and bool(series(metrics, "train/loss"))
     training = _panels(metrics, SFT_PANELS if sft else TRAINING_PANELS)
-    written.append(_draw(training, out / "training.png", f"{run['name']}: training"))
+    written.append(_draw(training, out / "training.png", f"{run.name}: training"))
     accuracy = {"greedy accuracy": series(evaluation, "eval/accuracy")}
     for key in _keys(evaluation, "eval/avg@") + _keys(evaluation, "eval/pass@"):
         accuracy[key.removeprefix("eval/")] = series(evaluation, key)
     eval_panels = [("accuracy (0-1)", accuracy), *_panels(evaluation, EVAL_PANELS)]
-    written.append(_draw(eval_panels, out / "evaluation.png", f"{run['name']}: evaluation"))
-    if run["trajectories"] or run["eval_trajectories"]:
+    written.append(_draw(eval_panels, out / "evaluation.png", f"{run.name}: evaluation"))
+    if run.trajectories or run.eval_trajectories:
         page = out / "trajectories.html"
         page.write_text(render_html(run, max_per_step), encoding="utf-8")
         written.append(page)
@@ -277,147 +296,17 @@ def _section(title: str, trajectories: Sequence[dict[str, Any]], max_per_step: i
     return "\n".join(parts)
 
 
-def render_html(run: dict[str, Any], max_per_step: int = 4) -> str:
+def render_html(run: RunRecord, max_per_step: int = 4) -> str:
     """A self-contained page (inline CSS, no script) of at most ``max_per_step`` trajectories per step. All model
     text is escaped: a response is untrusted and may contain any markup."""
-    name = html.escape(run["name"])
-    algorithm = f" · algorithm {html.escape(run['algorithm'])}" if run.get("algorithm") else ""
-    body = [f"<h1>{name}</h1><p>{html.escape(str(run['path']))}{algorithm}</p>"]
-    if run["trajectories"]:
-        body.append(_section("training trajectories", run["trajectories"], max_per_step))
-    if run["eval_trajectories"]:
-        body.append(_section("evaluation trajectories", run["eval_trajectories"], max_per_step))
+    name = html.escape(run.name)
+    algorithm = f" · algorithm {html.escape(run.algorithm)}" if run.algorithm else ""
+    body = [f"<h1>{name}</h1><p>{html.escape(str(run.path))}{algorithm}</p>"]
+    if run.trajectories:
+        body.append(_section("training trajectories", run.trajectories, max_per_step))
+    if run.eval_trajectories:
+        body.append(_section("evaluation trajectories", run.eval_trajectories, max_per_step))
     return (
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>retool report: {name}</title>'
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-
-
-# ---- the command --------------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, fmt: str) -> str:
-    number = _number(value)
-    return "-" if number is None else fmt.format(number)
-
-
-def _summary(metrics: Sequence[dict[str, Any]]) -> str:
-    """One line: the steps, and the first and last reward and accuracy (or loss, for a run without reward)."""
-    steps = sorted({row["step"] for row in metrics if type(row.get("step")) is int})
-    parts = [f"training: {len(steps)} steps" + (f" ({steps[0]}..{steps[-1]})" if steps else "")]
-    keys = {"reward/mean": "reward", "reward/correct": "accuracy"}
-    for key, label in keys.items() if series(metrics, "reward/mean") else [("train/loss", "loss")]:
-        if points := series(metrics, key):
-            parts.append(f"{label} {points[0][1]:.3f} -> {points[-1][1]:.3f}")
-    return "; ".join(parts)
-
-
-def _print_run(console: Any, run: dict[str, Any], paths: list[Path]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    console.print(f"[bold]{escape(run['name'])}[/] ({escape(str(run['path']))})", soft_wrap=True)
-    evaluation = sorted(run["evaluation"], key=lambda row: row["step"] if type(row.get("step")) is int else -1)
-    if evaluation:
-        table = Table(title=f"evaluation of {escape(run['name'])}", title_justify="left")
-        avg, passk = (_keys(evaluation, p)[:1] for p in ("eval/avg@", "eval/pass@"))
-        columns = [("step", "step", "{:.0f}"), ("accuracy", "eval/accuracy", "{:.3f}")]
-        columns += [(k.removeprefix("eval/"), k, "{:.3f}") for k in avg + passk]
-        columns += [("code ratio", "eval/code_ratio", "{:.2f}"), ("cell ok", "eval/cell_ok", "{:.2f}")]
-        columns += [("response length", "eval/response_length", "{:.0f}")]
-        for header, _, _ in columns:
-            table.add_column(header, justify="right")
-        for row in evaluation:
-            table.add_row(*(_fmt(row.get(key), fmt) for _, key, fmt in columns))
-        console.print(table)
-    if run["metrics"]:
-        console.print(_summary(run["metrics"]), markup=False, soft_wrap=True)
-    for path in paths:
-        console.print(f"wrote {path}", markup=False, soft_wrap=True)
-
-
-def eval_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(header, key, format) of an evaluation table: accuracy, the avg@k / pass@k present, the paper's metrics."""
-    sampled = sorted({k for row in rows for k in row if k.startswith(("eval/avg@", "eval/pass@"))})
-    return [
-        ("accuracy", "eval/accuracy", "{:.3f}"),
-        *[(k[5:], k, "{:.3f}") for k in sampled],
-        ("code ratio", "eval/code_ratio", "{:.2f}"),
-        ("code lines", "eval/code_lines", "{:.1f}"),
-        ("cell ok", "eval/cell_ok", "{:.2f}"),
-        ("last cell ok", "eval/last_cell_ok", "{:.2f}"),
-        ("1st cell pos", "eval/first_cell_pos", "{:.2f}"),
-        ("resp tokens", "eval/response_length", "{:.0f}"),
-    ]
-
-
-def _print_comparison(console: Any, runs: list[dict[str, Any]]) -> None:
-    """Every evaluation of every run, in the order the runs were given, with the paper's metrics.
-
-    For the stages of one pipeline (``retool report runs/x/sft runs/x/grpo``) the rows read as the
-    before/after table: the SFT run's step 0 (before SFT), its last evaluation (after SFT), the RL run's last
-    (after RL).
-    """
-    from rich.markup import escape
-    from rich.table import Table
-
-    rows = [(run, row) for run in runs for row in sorted(run["evaluation"], key=lambda r: _number(r.get("step")) or 0)]
-    columns = eval_columns([row for _, row in rows])
-    table = Table(title="held-out evaluations across the runs (greedy; in the order given)", title_justify="left")
-    table.add_column("run")
-    table.add_column("step", justify="right")
-    for header, _, _ in columns:
-        table.add_column(header, justify="right")
-    for run, row in rows:
-        cells = [_fmt(row.get(key), fmt) for _, key, fmt in columns]
-        table.add_row(escape(run["name"]), _fmt(row.get("step"), "{:.0f}"), *cells)
-    console.print(table)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one ``error:`` line from main, not argparse's usage + exit
-        raise ReportError(f"{message}; {USAGE}")
-
-
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = _Parser(prog="retool report", add_help=False)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--out")
-    parser.add_argument("--max-per-step", type=int, default=4)
-    args = parser.parse_intermixed_args(list(argv))
-    if args.max_per_step < 1:
-        raise ReportError(f"--max-per-step takes a positive integer, got {args.max_per_step}")
-    return args
-
-
-def _out_names(runs: list[dict[str, Any]]) -> list[str]:
-    """A folder name per run under ``--out``: its directory's name, numbered when two runs share one."""
-    names = [run["name"] for run in runs]
-    return [name if names.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(names)]
-
-
-def main(argv: Sequence[str]) -> int:
-    """Run ``retool report`` (``argv`` without the word ``report``): 0 on success, 2 after an ``error:`` line."""
-    from rich.console import Console
-
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    try:
-        args = _parse(argv)
-        runs = [load_run(d) for d in args.run_dirs]  # every directory is checked before anything is written
-        console = Console(highlight=False)
-        console.width = max(console.width, 120)
-        for run, name in zip(runs, _out_names(runs)):
-            target = None if args.out is None else Path(args.out) / name if len(runs) > 1 else Path(args.out)
-            try:
-                paths = write_report(run["path"], target, max_per_step=args.max_per_step, run=run)
-            except OSError as exc:
-                raise ReportError(f"could not write the report of {str(run['path'])!r}: {exc}") from None
-            _print_run(console, run, paths)
-        if len(runs) > 1:
-            _print_comparison(console, runs)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0

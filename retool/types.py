@@ -189,3 +189,38 @@ class RewardOutput:
                 raise ValueError(
                     f"reward component {name!r} has {len(values)} values for {len(self.rewards)} trajectories"
                 )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one training step reports, for the console's step table and the run directory.
+
+    Args:
+        step: ``trainer.global_step`` after the step (the first step is 1).
+        metrics: Every number the step logged (``reward/mean``, ``train/loss``, ``time/step_s``, ...).
+        samples: Rows for ``trajectories.jsonl``: a few of the step's trajectories, readable (prompt, response
+            with its interpreter blocks, reward).
+    """
+
+    step: int
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One evaluation on held-out problems.
+
+    Args:
+        step: ``trainer.global_step`` when it ran (0 before training).
+        metrics: The ``eval/*`` numbers (accuracy, avg@k and pass@k when sampled, the paper's code metrics).
+        samples: Rows for ``eval_trajectories.jsonl``: every greedy answer, with whether it was correct.
+    """
+
+    step: int
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, float]:
+        """The line of ``evaluation.jsonl``: ``{"step": step, **metrics}``."""
+        return {"step": self.step, **self.metrics}

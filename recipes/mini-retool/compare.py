@@ -80,10 +80,10 @@ def summarize(out: Path, seeds: list[int], rl_steps: int) -> dict[str, Any]:
     paper: dict[str, dict[str, list[tuple[int, float, float]]]] = {label: {} for _, label in PAPER}
     reward: dict[str, list[tuple[int, float, float]]] = {}
     for arm in ARMS:
-        sft = load_run(out / f"{arm}-sft")["evaluation"]
+        sft = load_run(out / f"{arm}-sft").evaluation
         rls = [load_run(out / f"{arm}-rl-seed{s}") for s in seeds]
         before, after_sft = sft[0], sft[-1]
-        finals = [run["evaluation"][-1] for run in rls]
+        finals = [run.evaluation[-1] for run in rls]
         gain = [f["eval/accuracy"] - after_sft["eval/accuracy"] for f in finals]
         arm_result = {
             "before_sft": before["eval/accuracy"],
@@ -94,16 +94,16 @@ def summarize(out: Path, seeds: list[int], rl_steps: int) -> dict[str, Any]:
             "paper_after_sft": {k: after_sft.get(k) for k, _ in PAPER},
             "paper_after_rl": {k: mean_std([float(f.get(k, float("nan"))) for f in finals]) for k, _ in PAPER},
             "train_reward_first_last": [
-                mean_std([run["metrics"][0]["reward/mean"] for run in rls]),
-                mean_std([run["metrics"][-1]["reward/mean"] for run in rls]),
+                mean_std([run.metrics[0]["reward/mean"] for run in rls]),
+                mean_std([run.metrics[-1]["reward/mean"] for run in rls]),
             ],
         }
         results["arms"][arm] = arm_result
         # Curves against RL steps: step 0 is the SFT policy (its last evaluation), shared by every seed.
-        steps = sorted({row["step"] for run in rls for row in run["evaluation"]})
+        steps = sorted({row["step"] for run in rls for row in run.evaluation})
         curve = [(0, after_sft["eval/accuracy"], 0.0)]
         for step in steps:
-            values = [row["eval/accuracy"] for run in rls for row in run["evaluation"] if row["step"] == step]
+            values = [row["eval/accuracy"] for run in rls for row in run.evaluation if row["step"] == step]
             curve.append((step, *mean_std(values)))
         accuracy[f"{arm} (SFT then RL)"] = curve
         accuracy[f"{arm}: before SFT"] = [(0, before["eval/accuracy"]), (rl_steps, before["eval/accuracy"])]
@@ -111,12 +111,12 @@ def summarize(out: Path, seeds: list[int], rl_steps: int) -> dict[str, Any]:
             points = [(0, float(after_sft.get(key, float("nan"))), 0.0)]
             for step in steps:
                 values = [
-                    float(row.get(key, float("nan"))) for run in rls for row in run["evaluation"] if row["step"] == step
+                    float(row.get(key, float("nan"))) for run in rls for row in run.evaluation if row["step"] == step
                 ]
                 points.append((step, *mean_std(values)))
             paper[label][arm] = points
         reward[arm] = [
-            (step, *mean_std([row["reward/mean"] for run in rls for row in run["metrics"] if row["step"] == step]))
+            (step, *mean_std([row["reward/mean"] for run in rls for row in run.metrics if row["step"] == step]))
             for step in range(1, rl_steps + 1)
         ]
     plot_curves(accuracy, out / "accuracy.png", "held-out greedy accuracy (mean ± std over seeds)", xlabel="RL step")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from retool import Algorithm, ProblemDataModule
-from retool.cli import build_parser, check_recipe, load_recipe
+from retool.cli.recipe import build_parser, check_recipe, load_recipe
 from retool.plugins import discover
 
 ROOT = Path(__file__).parents[2] / "recipes"

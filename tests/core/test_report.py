@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from retool.report import load_run, main, plot_curves, write_report
+from retool.cli import main as retool
+from retool.report import load_run, plot_curves, write_report
+
+
+def main(argv: list[str]) -> int:
+    return retool(["report", *argv])
+
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HOSTILE = "<script>alert(1)</script> and </pre> oops"
@@ -159,7 +165,7 @@ def test_partial_last_line_is_skipped_with_a_warning(tmp_path: Path, capsys: pyt
     assert f"{run / 'trajectories.jsonl'}:3" in err
     page = (run / "report" / "trajectories.html").read_text(encoding="utf-8")
     assert "step late" in page and "reward -" in page and "code cells 2" in page
-    assert len(load_run(run)["metrics"]) == 2
+    assert len(load_run(run).metrics) == 2
     assert_png(run / "report" / "training.png")
 
 
@@ -178,7 +184,7 @@ def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     ("argv", "message"),
     [
         ([], "required: RUN_DIR"),
-        (["x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["x", "--bogus"], "unknown option '--bogus'"),
         (["x", "--max-per-step", "0"], "positive"),
     ],
 )
@@ -190,7 +196,7 @@ def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixtu
 
 def test_library_functions_for_scripts(rl_run: Path, tmp_path: Path) -> None:
     run = load_run(rl_run)
-    assert [len(run[k]) for k in ("metrics", "evaluation", "trajectories", "eval_trajectories")] == [3, 2, 18, 2]
+    assert [len(run.metrics), len(run.evaluation), len(run.trajectories), len(run.eval_trajectories)] == [3, 2, 18, 2]
     paths = write_report(rl_run, tmp_path / "r", max_per_step=1)
     assert {p.name for p in paths} == {"training.png", "evaluation.png", "trajectories.html"}
     seeds = {"run A": [(0, 0.1, 0.05), (5, 0.3, 0.1)], "run B": [(0, 0.1), (5, 0.2)], "empty": []}

@@ -127,7 +127,7 @@ def test_sft_learns_to_write_the_trace_and_logs_it(tiny_model_dir: Path, tmp_pat
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
-            losses.append(outputs["metrics"]["train/loss"])
+            losses.append(module.last_step.metrics["train/loss"])
 
     trainer.callbacks.append(Record())
     trainer.fit(algo, datamodule=data)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from retool._async import run_sync
+from retool.cli import main as retool
 from retool.rollout.format import ReToolFormat
-from retool.traces import TraceVerdict, check_traces, main
+from retool.traces import TraceVerdict, check_traces
 from retool.types import Problem, Trace
 from retool_plugins.datasets.trace_file import TraceFile
 from retool_plugins.executors.local import LocalSandbox
@@ -33,6 +34,10 @@ def reward() -> Iterator[MathAnswerReward]:
     scorer = MathAnswerReward()
     yield scorer
     scorer.close()
+
+
+def main(argv: list[str]) -> int:
+    return retool(["traces", *argv])
 
 
 def cell(code: str) -> str:

@@ -329,10 +329,10 @@ class _RecordingGRPO(GRPO):
         super().__init__(**kwargs)
         self.history: list[dict[str, float]] = []
 
-    def training_step(self, problems: Any, batch_idx: int) -> Any:
-        out = super().training_step(problems, batch_idx)
-        self.history.append(out["metrics"])
-        return out
+    def training_step(self, problems: Any, batch_idx: int) -> None:
+        super().training_step(problems, batch_idx)
+        assert self.last_step is not None
+        self.history.append(self.last_step.metrics)
 
 
 @vllm_test

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from retool.algorithm import Algorithm, PolicyBatch
+from retool.algorithm import PolicyBatch, PolicyGradient
 
 
-class GRPO(Algorithm):
+class GRPO(PolicyGradient):
     """Group Relative Policy Optimization.
 
     Each problem is rolled out ``group_size`` times; a trajectory's advantage is its reward minus its group's
@@ -26,7 +26,7 @@ class GRPO(Algorithm):
         scale_by_std: Divide advantages by the group's reward std.
         entropy_coef: Weight of an entropy bonus (0 = none; entropy is logged either way).
         std_eps: Added to the std before dividing.
-        **kwargs: The common options of every algorithm (``lr``, ``epochs``, ``mini_batch_size``, ...).
+        **kwargs: The options of every RL algorithm (``lr``, ``epochs``, ``mini_batch_size``, ``eval_every``, ...).
     """
 
     def __init__(

@@ -8,10 +8,6 @@ from typing import Any
 import torch
 
 from retool.algorithm import Algorithm, PolicyBatch
-from retool.executor import Executor
-from retool.policy import Policy
-from retool.reward import Reward
-from retool.rollout.backend import RolloutBackend
 from retool.rollout.loop import trace_trajectory
 from retool.types import Trace
 
@@ -34,21 +30,10 @@ class SFT(Algorithm):
 
     Args:
         lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        max_grad_norm: Clip the global gradient norm to this (0 = no clipping).
-        micro_batch_size: Traces per forward/backward pass (gradient accumulation within a step).
         max_length: Cut each rendered trace to this many tokens (prompt included); ``None`` for no limit.
         warmup_steps: Linear learning-rate warm-up over this many steps (0 = none).
-        log_samples: Kept for the common interface; SFT writes no trajectory samples.
-        eval_every: Evaluate every this many steps; a run that evaluates at all also does at its end.
-        eval_samples: Sampled answers per problem for avg@k / pass@k (0 = greedy only).
-        eval_at_start: Evaluate once before the first step.
-        eval_batch_size: Problems per evaluation batch.
-        policy: Injected from the recipe's ``policy`` section.
-        rollout: Injected from the recipe's ``rollout`` section.
-        executor: Injected from the recipe's ``executor`` section.
-        reward: Injected from the recipe's ``reward`` section.
+        **kwargs: The options of every algorithm (``weight_decay``, ``max_grad_norm``, ``micro_batch_size``: traces
+            per forward/backward pass, ``eval_every``, ...).
     """
 
     train_on = "traces"
@@ -64,52 +49,17 @@ class SFT(Algorithm):
     def __init__(
         self,
         lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        max_grad_norm: float = 1.0,
-        micro_batch_size: int = 4,
         max_length: int | None = 1024,
         warmup_steps: int = 0,
-        log_samples: int = 0,
-        eval_every: int = 0,
-        eval_samples: int = 0,
-        eval_at_start: bool = False,
-        eval_batch_size: int | None = None,
-        policy: Policy | None = None,
-        rollout: RolloutBackend | None = None,
-        executor: Executor | None = None,
-        reward: Reward | None = None,
+        **kwargs: Any,
     ) -> None:
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be >= 2 or null, got {max_length}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        super().__init__(
-            group_size=1,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            max_grad_norm=max_grad_norm,
-            micro_batch_size=micro_batch_size,
-            log_samples=log_samples,
-            eval_every=eval_every,
-            eval_samples=eval_samples,
-            eval_at_start=eval_at_start,
-            eval_batch_size=eval_batch_size,
-            policy=policy,
-            rollout=rollout,
-            executor=executor,
-            reward=reward,
-        )
+        super().__init__(lr=lr, **kwargs)
         self.max_length = max_length
         self.warmup_steps = warmup_steps
-
-    # The base class's RL hooks: SFT has no advantages and no clipped loss.
-    def advantages(self, batch: PolicyBatch) -> torch.Tensor:
-        raise NotImplementedError("SFT has no advantages")
-
-    def loss(self, batch: PolicyBatch, logprobs: torch.Tensor, entropy: torch.Tensor, token_count: torch.Tensor):  # type: ignore[override]
-        raise NotImplementedError("SFT computes its loss in training_step")
 
     def check_components(self) -> None:
         if self.rollout is None:
@@ -131,7 +81,7 @@ class SFT(Algorithm):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def training_step(self, traces: list[Trace], batch_idx: int) -> dict[str, Any]:
+    def training_step(self, traces: list[Trace], batch_idx: int) -> None:
         assert self.model is not None and self.rollout is not None
         start = time.perf_counter()
         rendered = [trace_trajectory(self.rollout, trace, self.max_length) for trace in traces]
@@ -151,7 +101,7 @@ class SFT(Algorithm):
                 self.manual_backward(nll / token_count.to(nll.device))
                 loss_sum += float(nll.detach())
             tokens = float(token_count)
-            grad_norm = self._clip_gradients()
+            grad_norm = self.clip_grad_norm()
         optimizer.step()  # no gradients (nothing usable) leaves the weights as they were, and still counts the step
         optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
@@ -168,5 +118,4 @@ class SFT(Algorithm):
             "time/step_s": elapsed,
             "perf/train_tokens_per_s": sum(len(t.token_ids) for t in usable) / elapsed if elapsed > 0 else 0.0,
         }
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(traces))
-        return {"metrics": metrics, "samples": []}
+        self.record_step(metrics, batch_size=len(traces))

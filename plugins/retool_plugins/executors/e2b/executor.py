@@ -11,6 +11,9 @@ A request that failed before the code reached the kernel (429, 5xx, a refused co
 that failed after (a stream dropped mid-cell, a 502 or 404 for a sandbox that is gone) leaves the session's
 state unknown: that sandbox is killed, the cell reruns in a fresh one, and its result says ``session_restarted``
 when earlier cells' state was lost on the way.
+
+One file, because sessions, retries and the live-sandbox limit act on the same state: a retry decides whether
+a session's sandbox survives, and only a confirmed kill frees its place under the limit.
 """
 
 from __future__ import annotations

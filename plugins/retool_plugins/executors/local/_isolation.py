@@ -18,6 +18,10 @@ The layers, by name (the same names ``retool sandbox check`` prints):
   ``RLIMIT_NPROC`` bounds the session's processes (``process-limit``);
 * ``seccomp``: a syscall filter denies the calls a cell has no use for (ptrace, mount, new namespaces, keyrings,
   bpf, io_uring, ...).
+
+One file, because the layers are applied in one order inside one forked child (namespaces, then mounts, then
+the uid and limits, then seccomp) and :func:`probe` tries them in that same order: split up, the order
+would live in no single place.
 """
 
 from __future__ import annotations

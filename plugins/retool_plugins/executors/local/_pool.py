@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retool_plugins.executors.local import _host, _worker
-from retool_plugins.executors.local._host import Cgroups, UidPool, Zygote, ZygoteLost
+from retool_plugins.executors.local._cgroups import Cgroups, UidPool, make_cgroups
+from retool_plugins.executors.local._host import Zygote, ZygoteLost
 
 logger = logging.getLogger("retool_plugins.executors.local")
 
@@ -129,7 +130,7 @@ class Pool:
                 self.live.zygote = zygote = None
             if zygote is None:
                 if self.live.cgroups is None:
-                    self.live.cgroups = _host.make_cgroups(self.memory_bytes, self.isolation)
+                    self.live.cgroups = make_cgroups(self.memory_bytes, self.isolation)
                 env = worker_env()
                 zygote = await Zygote.start({**self.config(self.live.cgroups), "env": env}, env, _START_TIMEOUT_S)
                 try:

@@ -38,8 +38,8 @@ from typing import Any
 
 from retool.executor import Executor
 from retool.types import CheckResult, ExecutionResult
-from retool_plugins.executors.local import _host
-from retool_plugins.executors.local._host import Cgroups, Zygote, ZygoteLost
+from retool_plugins.executors.local._cgroups import Cgroups, make_cgroups
+from retool_plugins.executors.local._host import Zygote, ZygoteLost
 from retool_plugins.executors.local._pool import Pool, Worker, WorkerLost, describe, finalize, spawn_task, worker_env
 
 logger = logging.getLogger("retool_plugins.executors.local")
@@ -336,7 +336,7 @@ def missing_layers() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         return {"all": f"the probe failed: {exc}"}
     missing = {name: str(why) for name, (active, why) in found.items() if not active}
-    cgroups = _host.make_cgroups(2**30, enabled=True)
+    cgroups = make_cgroups(2**30, enabled=True)
     if cgroups.folders:
         cgroups.remove()
     else:

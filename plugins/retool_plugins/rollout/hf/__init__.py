@@ -19,7 +19,6 @@ import torch
 
 from retool._async import run_sync
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
-from retool.rollout.format import ToolFormat
 from retool.types import Trajectory
 from retool_plugins.rollout.hf._engine import DecodeEngine, EngineRequest
 from retool_plugins.rollout.hf._kernels import fast_kernels, supports_grouped_attention
@@ -76,45 +75,34 @@ class HFRollout(RolloutBackend):
     OpenRLHF sample in bfloat16 while training in fp32), refreshed from the trainer's module at the start
     of every rollout.
 
+    Each trajectory draws its samples from a generator of its own, seeded by ``seed`` and its id, so they do
+    not depend on which trajectories it was batched with. The docs page "Rollouts" measures its speed and
+    what each of its kernels is worth.
+
     Args:
-        max_new_tokens: Budget of model-written tokens per trajectory, over all its turns.
-        max_tool_calls: Code cells a trajectory may run before it is ended.
-        temperature: Sampling temperature; 0 decodes greedily.
-        top_p: Nucleus sampling threshold (1.0 = off).
-        top_k: Keep only the k most likely tokens (0 = off).
-        seed: Seed of the sampler; each trajectory draws from its own generator seeded by this and its id.
-        format: The text format of code cells and interpreter replies (default: the paper's tags).
-        tools: ``False`` turns tools off (text-only RL baseline).
         max_batch_size: Most sequences decoded together; more wait for a free row.
         dtype: Decode with a copy of the weights in this dtype (``bfloat16`` or ``float16``); ``None`` = the
-            policy's own module and dtype. On a CPU with bfloat16 matrix units (AMX) a bfloat16 decode step of
-            SmolLM2-135M at batch 8 took 53 ms against 62 ms in fp32; without them it is slower. The
-            sampler's log-probabilities then differ from the trainer's by the rounding
-            (``train/sampler_logprob_diff``).
+            policy's own module and dtype. bfloat16 decodes faster on GPUs and on CPUs with bfloat16 matrix
+            units (AMX), slower on other CPUs. The sampler's log-probabilities then differ from the trainer's
+            by the rounding (``train/sampler_logprob_diff``).
         fast_kernels: Decode with retool's kernels where they apply: a KV cache written in place, grouped-query
             attention without copying keys per query head, prompts and interpreter replies that join at the
             same step prefilled as one batch, and on CPU, linear weights reordered for oneDNN. They compute the
-            same function (log-probabilities agree with transformers' path to float rounding); on the 2-core
-            CPU of the docs they make a decode step of SmolLM2-135M at batch 8 61 ms instead of 79 ms.
-            ``False`` decodes through transformers' own attention and cache. Models with sliding-window
-            attention or soft-capped attention logits always take that path.
+            same function as transformers' path (log-probabilities agree to float rounding), faster. ``False``
+            decodes through transformers' own attention and cache. Models with sliding-window attention or
+            soft-capped attention logits always take that path.
+        **kwargs: The options of every rollout backend (``max_new_tokens``, ``max_tool_calls``, ``temperature``,
+            ``top_p``, ``top_k``, ``seed``, ``format``, ``tools``).
     """
 
     def __init__(
         self,
-        max_new_tokens: int = 256,
-        max_tool_calls: int = 4,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int = 0,
-        format: ToolFormat | None = None,
-        tools: bool = True,
         max_batch_size: int = 32,
         dtype: str | None = None,
         fast_kernels: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(max_new_tokens, max_tool_calls, temperature, top_p, top_k, seed, format, tools)
+        super().__init__(**kwargs)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if dtype not in (None, "bfloat16", "float16", "float32"):

@@ -19,6 +19,9 @@ Two things make a decode step cheaper than transformers' defaults, and neither c
   :func:`grouped_attention` (SDPA with ``enable_gqa``), where transformers' SDPA path first copies every key
   and value once per query head (``repeat_kv``) whenever a padding mask is given. The engine's masks also
   let the prompts and the interpreter replies that join at the same step be prefilled as one padded batch.
+
+One class, because the batch's rows, their cache columns and the requests they belong to change together at
+every step: admitting, prefilling, decoding and releasing a row are one piece of bookkeeping.
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ class DecodeEngine:
     thread that called ``rollout()`` (:meth:`serve_until`), the thread that also trains: GNU OpenMP, which
     PyTorch's CPU builds use, gives every thread that computes its own team of worker threads, and once a
     process holds more of them than there are cores, every team stops spinning between parallel regions and
-    sleeps instead. On 2 cores a decode step then took 107 ms instead of 78 ms (and 59 instead of 34 ms at
-    batch 1), for as long as the process lived. Requests submitted while nobody serves (``generate`` called
+    sleeps instead, which slows every step for as long as the process lives (the docs page "Rollouts" has the
+    measurement). Requests submitted while nobody serves (``generate`` called
     directly, outside a rollout) are served by a helper thread that exits when they are done.
     """
 

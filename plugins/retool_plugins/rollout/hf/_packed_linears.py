@@ -1,9 +1,8 @@
 """Linear layers that decode through oneDNN with weights reordered for it, on CPU.
 
 For the few rows of a decode step, PyTorch's default CPU matrix multiply (MKL's sgemm) runs far below the
-machine's memory bandwidth: on the 2-core machine of the docs, SmolLM2-135M's 49152 x 576 output layer took
-8.8 ms for 8 rows against 2.8 ms for one, while oneDNN with the weight reordered once into its blocked
-layout took 4.1 ms for 8. The reordered copies are made when a rollout starts (0.15 s for 135M parameters)
+machine's memory bandwidth, while oneDNN with the weight reordered once into its blocked layout runs close
+to it (the docs page "Rollouts" has the measurements). The reordered copies are made when a rollout starts
 and dropped when it ends, so they always hold the weights the trainer has just updated. One or two rows go
 to the default path, which is faster there.
 """

@@ -15,8 +15,8 @@ class WeightReceiver:
     """Loads new weights, in place, from a file the trainer's process wrote with ``torch.save``.
 
     A file (memory-mapped here) rather than the tensors themselves through ``collective_rpc``: that channel
-    carries bytes, not tensors, and SmolLM2-135M's 621 MiB sent through its two process hops as bytes took
-    5 to 17 s on 2 busy CPU cores, against 1.3 to 1.8 s through a file, the in-place reload included.
+    carries bytes, not tensors, and sending the weights through its two process hops as bytes is several times
+    slower than a file (the docs page "Rollouts" has the measurement).
     Loading goes through the worker's ``reload_weights``, which maps checkpoint names
     (``model.layers.0.self_attn.q_proj.weight``, ...) onto vLLM's fused layers and redoes any post-load
     processing (repacking for CPU kernels, quantization).

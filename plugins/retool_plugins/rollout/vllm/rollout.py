@@ -29,7 +29,6 @@ import torch
 
 from retool._async import run_sync
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend
-from retool.rollout.format import ToolFormat
 
 INSTALL_HINT = (
     "VLLMRollout needs vLLM: on a GPU machine `pip install 'retool[vllm]'`; on CPU install the CPU build of "
@@ -75,25 +74,19 @@ class VLLMRollout(RolloutBackend):
 
     Log-probabilities are those of the temperature-scaled distribution, as HFRollout's and the trainer's. With
     ``top_k`` or ``top_p`` on, vLLM reports them under the truncated, renormalized distribution it sampled
-    from, which differs from the trainer's recomputation (logged as ``train/sampler_logprob_diff``).
+    from, which differs from the trainer's recomputation (logged as ``train/sampler_logprob_diff``). Each
+    request is seeded by ``seed``, its trajectory's id and its length, so a trajectory's samples do not depend
+    on what it was batched with. The docs page "Rollouts" measures its speed against ``HFRollout``.
 
     Args:
-        max_new_tokens: Budget of model-written tokens per trajectory, over all its turns.
-        max_tool_calls: Code cells a trajectory may run before it is ended.
-        temperature: Sampling temperature; 0 decodes greedily.
-        top_p: Nucleus sampling threshold (1.0 = off).
-        top_k: Keep only the k most likely tokens (0 = off).
-        seed: Seed of the sampler; each request is seeded by this, its trajectory's id and its length.
-        format: The text format of code cells and interpreter replies (default: the paper's tags).
-        tools: ``False`` turns tools off (text-only RL baseline).
         gpu_memory_utilization: Share of the GPU's memory vLLM may take for weights and KV cache (on CPU: the
             share of RAM for the KV cache). It shares the device with the trainer, so keep it well below 1.
         max_model_len: Longest sequence (prompt, every turn and interpreter reply); ``None`` = the model's limit.
         dtype: vLLM's compute dtype (``float32``, ``bfloat16``, ...); ``None`` = the policy's, so that the
             sampler's log-probabilities match the trainer's.
         enforce_eager: Skip torch.compile and CUDA graphs: the engine starts much faster, and on a GPU decodes
-            slower. ``None``: skip them where there is no GPU (on 2 CPU cores with SmolLM2-135M, compiling
-            added ~60 s to the start and decoded no faster: 87 against 88 tokens/s).
+            slower. ``None``: skip them where there is no GPU (on CPU, compiling makes the start far slower and
+            decoding no faster).
         enable_prefix_caching: Reuse the KV cache of shared prefixes (the prompt of a group, a trajectory's
             earlier turns).
         stop_strings: Texts at which a code cell may close. vLLM stops at each, the format's stop callback
@@ -102,20 +95,14 @@ class VLLMRollout(RolloutBackend):
             ``{"kv_cache_memory_bytes": 1000000000, "tensor_parallel_size": 2}``.
         cpu_reserved_cores: On CPU, the cores vLLM keeps for its front end instead of decoding on them
             (``VLLM_CPU_NUM_OF_RESERVED_CPU``). ``None``: vLLM's own choice (one), except on machines of at most
-            4 cores, where it is 0: on 2 cores, vLLM's default left one core decoding (19.6 s for a rollout
-            that took 12.4 s with both, measured). An explicit environment variable always wins.
+            4 cores, where it is 0, so that a small machine decodes on all its cores. An explicit environment
+            variable always wins.
+        **kwargs: The options of every rollout backend (``max_new_tokens``, ``max_tool_calls``, ``temperature``,
+            ``top_p``, ``top_k``, ``seed``, ``format``, ``tools``).
     """
 
     def __init__(
         self,
-        max_new_tokens: int = 256,
-        max_tool_calls: int = 4,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int = 0,
-        format: ToolFormat | None = None,
-        tools: bool = True,
         gpu_memory_utilization: float = 0.3,
         max_model_len: int | None = None,
         dtype: str | None = None,
@@ -124,10 +111,11 @@ class VLLMRollout(RolloutBackend):
         stop_strings: Sequence[str] = ("</code>", "```"),
         engine_kwargs: dict[str, Any] | None = None,
         cpu_reserved_cores: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(max_new_tokens, max_tool_calls, temperature, top_p, top_k, seed, format, tools)
-        if temperature > 2:  # vLLM refuses it per request; say so before any model loads
-            raise ValueError(f"vLLM accepts a temperature in [0, 2], got {temperature}")
+        super().__init__(**kwargs)
+        if self.temperature > 2:  # vLLM refuses it per request; say so before any model loads
+            raise ValueError(f"vLLM accepts a temperature in [0, 2], got {self.temperature}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if any(not s for s in stop_strings):

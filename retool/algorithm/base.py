@@ -1,0 +1,249 @@
+"""The base of every training algorithm: a LightningModule built from the recipe's components.
+
+What every algorithm shares lives here: the injected components (policy, rollout backend, executor, reward)
+and the check that a recipe gave the ones it needs; loading the policy; the optimizer, gradient clipping and
+the optimizer step that leaves ``trainer.global_step`` alone; log-probabilities of response tokens; the
+step's record for the console and the run directory; evaluation on held-out problems; and the export in
+Hugging Face format. What one training step does is the subclass's: an RL step
+(:class:`~retool.algorithm.PolicyGradient`) or a supervised one (``SFT``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from retool._async import run_sync
+from retool.algorithm.batch import PolicyBatch
+from retool.algorithm.evaluation import Evaluation
+from retool.executor import Executor
+from retool.policy import Policy
+from retool.reward import Reward
+from retool.rollout.backend import RolloutBackend
+from retool.tables import STEP_COLUMNS
+from retool.types import EvalRecord, StepRecord
+
+
+class Algorithm(Evaluation, L.LightningModule):
+    """Base class of training algorithms.
+
+    The policy, rollout backend, executor and reward are injected from the recipe's other sections; the
+    arguments below are this section's own, shared by every algorithm. A subclass adds its own options and
+    passes these on by keyword (``**kwargs``), and implements ``training_step``, ending it with
+    :meth:`record_step`.
+
+    Args:
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        max_grad_norm: Clip the global gradient norm to this (0 = no clipping; the norm is logged either way).
+        micro_batch_size: Sequences per forward/backward pass (gradient accumulation); lower it to save memory.
+        eval_every: Evaluate on the dataset's ``val`` problems every this many steps. A run that evaluates at
+            all (``eval_every > 0`` or ``eval_at_start``) also evaluates at its end; with both off, only
+            ``retool validate`` does. See :meth:`validation_step`.
+        eval_samples: Besides the greedy pass, sample this many answers per problem at the rollout's
+            temperature and report avg@k (mean accuracy) and pass@k (any correct); 0 = greedy only.
+        eval_at_start: Evaluate once before the first step (the "before" row of a before/after table).
+        eval_batch_size: Problems per evaluation batch (default: the data's ``batch_size``).
+        policy: Injected from the recipe's ``policy`` section.
+        rollout: Injected from the recipe's ``rollout`` section.
+        executor: Injected from the recipe's ``executor`` section.
+        reward: Injected from the recipe's ``reward`` section.
+    """
+
+    train_on = "problems"
+    """What the training batches hold: ``"problems"`` (RL rolls them out) or ``"traces"`` (supervised)."""
+
+    table_columns: tuple[tuple[str, str, str], ...] = tuple(STEP_COLUMNS)
+    """(header, metric key, format) of the row the console prints after each step."""
+
+    def __init__(
+        self,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        max_grad_norm: float = 1.0,
+        micro_batch_size: int = 4,
+        eval_every: int = 0,
+        eval_samples: int = 0,
+        eval_at_start: bool = False,
+        eval_batch_size: int | None = None,
+        policy: Policy | None = None,
+        rollout: RolloutBackend | None = None,
+        executor: Executor | None = None,
+        reward: Reward | None = None,
+    ) -> None:
+        super().__init__()
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if eval_every < 0 or eval_samples < 0:
+            raise ValueError(f"eval_every and eval_samples must be >= 0, got {eval_every} and {eval_samples}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 or null, got {eval_batch_size}")
+        self.automatic_optimization = False
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.max_grad_norm = max_grad_norm
+        self.micro_batch_size = micro_batch_size
+        self.eval_every = eval_every
+        self.eval_samples = eval_samples
+        self.eval_at_start = eval_at_start
+        self.eval_batch_size = eval_batch_size
+        self.keep_resources_open = False  # set by a caller that runs several stages (validate, fit, validate)
+        self.last_step: StepRecord | None = None
+        self.last_evaluation: EvalRecord | None = None
+        self.policy = policy if policy is not None else Policy()
+        self.rollout = rollout
+        self.executor = executor
+        self.reward = reward
+        self.model: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+
+    # ---- components ---------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # Runs before configure_model: a recipe that lacks a section fails here, before any weights load.
+        self.check_components()
+
+    def check_components(self) -> None:
+        """Raise ``ValueError`` (naming the fix) unless every component this algorithm needs was given.
+
+        The default asks for what rolling out and scoring needs: a rollout backend and a reward, and an
+        executor when the rollout runs code.
+        """
+        if self.rollout is None or self.reward is None:
+            missing = [name for name in ("rollout", "reward") if getattr(self, name) is None]
+            raise ValueError(f"{type(self).__name__} needs the recipe section(s) {', '.join(missing)}")
+        if self.eval_samples and self.rollout.temperature == 0:
+            raise ValueError(
+                "eval_samples > 0 samples several answers per problem, but the rollout's temperature is 0 (greedy), "
+                "so they would all be the same; set rollout.init_args.temperature > 0 or eval_samples: 0"
+            )
+        if self.rollout.tools and self.executor is None:
+            raise ValueError(
+                "the rollout runs code (tools: true) but the recipe has no executor section; add one "
+                "(e.g. executor: {class_path: LocalSandbox}) or set rollout.init_args.tools: false"
+            )
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.tokenizer = self.policy.load_tokenizer()
+        self.model = self.policy.load_model()
+        self.model.train()  # from_pretrained returns eval mode; dropout (if any) follows Lightning's mode
+        self.on_policy_loaded()
+        if self.rollout is not None:
+            self.rollout.bind(self.model, self.tokenizer)
+
+    def on_policy_loaded(self) -> None:  # optional hook
+        """Called once the policy is loaded, before the rollout backend is bound to it (e.g. to copy it)."""
+
+    def teardown(self, stage: str) -> None:
+        # Executors hold processes or remote sandboxes, rewards may hold worker processes: free them however
+        # the run ends (an in-process caller, a notebook or a test, lives on after fit and must not inherit them).
+        # A caller that chains stages on one module (the CLI: validate, fit, validate) closes them itself at the
+        # end, so that a backend with its own engine is not restarted from stale weights in between.
+        if not self.keep_resources_open:
+            self.close_resources()
+
+    def close_resources(self) -> None:
+        """Close the reward's, the executor's and the rollout backend's resources."""
+        if self.reward is not None:
+            self.reward.close()
+        if self.executor is not None:
+            run_sync(self.executor.aclose())
+        if self.rollout is not None:
+            run_sync(self.rollout.aclose())
+
+    # ---- optimization ---------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        assert self.model is not None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def clip_grad_norm(self) -> float:
+        """Clip the policy's gradient norm to ``max_grad_norm`` (if > 0); return the norm before clipping."""
+        assert self.model is not None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+    def step_optimizer(self, optimizer: Any, last: bool = True) -> None:
+        """Step ``optimizer``; only the ``last`` step of a training step advances ``trainer.global_step``.
+
+        One training step is one RL step however many optimizer steps its mini-batches take (as in verl), so
+        ``trainer.max_steps`` counts RL steps.
+        """
+        if last:
+            optimizer.step()  # through Lightning: advances global_step once per RL step
+        else:
+            # Same path as LightningOptimizer.step (strategy -> precision -> optimizer) minus the step count.
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+
+    def sequence_logprobs(
+        self,
+        model: torch.nn.Module,
+        batch: PolicyBatch,
+        with_entropy: bool = False,
+        temperature: float | None = None,
+        entropy_grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, R) log-probs of the response tokens (and entropies, zeros unless asked) under ``model``.
+
+        Logits are divided by ``temperature``, by default the rollout's, so the trainer scores the
+        distribution that sampled (supervised training passes 1).
+        """
+        width = batch.response_width
+        device = self.device
+        input_ids = batch.input_ids.to(device)
+        attention = batch.attention_mask.to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1)
+        logits = out.logits[:, :-1, :].float()
+        if temperature is None:
+            temperature = self.rollout.temperature if self.rollout is not None else 1.0
+        if temperature > 0:
+            logits = logits / temperature
+        targets = input_ids[:, -width:]
+        log_norm = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - log_norm
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                probs = torch.softmax(logits, dim=-1)
+                entropy = log_norm - (probs * logits).sum(-1)
+        else:
+            entropy = torch.zeros_like(logprobs)
+        return logprobs, entropy
+
+    # ---- output ---------------------------------------------------------------------------------------------
+
+    def record_step(
+        self, metrics: dict[str, float], samples: Sequence[dict[str, Any]] = (), batch_size: int = 1
+    ) -> StepRecord:
+        """Log a training step's numbers and keep its record for the console and the run directory.
+
+        Call it at the end of ``training_step``: the step table and ``metrics.jsonl`` read
+        :attr:`last_step`. ``samples`` are rows for ``trajectories.jsonl``.
+        """
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
+        # global_step is advanced by the step's last optimizer step, so it already counts this step.
+        self.last_step = StepRecord(step=int(self.global_step), metrics=dict(metrics), samples=list(samples))
+        return self.last_step
+
+    def export(self, path: str | Path) -> Path:
+        """Save the policy in Hugging Face format (loadable with ``AutoModelForCausalLM.from_pretrained``)."""
+        assert self.model is not None
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        return path

@@ -1,0 +1,76 @@
+"""Trajectories as the tensors an update trains on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from retool.types import Trajectory
+
+
+@dataclass
+class PolicyBatch:
+    """Trajectories as tensors, aligned so that every prompt ends at the same column.
+
+    Prompts are left-padded and responses right-padded: the response tokens of every row sit in the last
+    ``R`` columns, so one forward pass that keeps only the last ``R + 1`` logits covers every response.
+
+    Args:
+        input_ids: (N, P + R) token ids.
+        attention_mask: (N, P + R) 1 for real tokens.
+        response_mask: (N, R) the loss mask of the response columns (1 = the model wrote it).
+        rewards: (N,) scalar reward per trajectory.
+        advantages: (N, R) per-token advantages (filled by the algorithm).
+        old_logprobs: (N, R) log-probs under the policy that sampled, or ``None`` when on-policy.
+        ref_logprobs: (N, R) log-probs under the frozen reference, or ``None`` without KL.
+        sampler_logprobs: (N, R) log-probs the rollout backend reported, or ``None``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    sampler_logprobs: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_width(self) -> int:
+        return self.response_mask.shape[1]
+
+    def select(self, index: torch.Tensor) -> PolicyBatch:
+        """The rows ``index`` (every tensor field sliced the same way)."""
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return PolicyBatch(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in fields.items()})
+
+    @staticmethod
+    def from_trajectories(trajectories: Sequence[Trajectory], rewards: Sequence[float], pad_id: int) -> PolicyBatch:
+        n = len(trajectories)
+        prompt_w = max(t.prompt_len for t in trajectories)
+        resp_w = max(max(t.response_len for t in trajectories), 1)
+        input_ids = torch.full((n, prompt_w + resp_w), pad_id, dtype=torch.long)
+        attention = torch.zeros((n, prompt_w + resp_w), dtype=torch.long)
+        response_mask = torch.zeros((n, resp_w), dtype=torch.float32)
+        sampler = torch.zeros((n, resp_w), dtype=torch.float32)
+        has_sampler = all(t.logprobs is not None for t in trajectories)
+        for i, t in enumerate(trajectories):
+            p, r = t.prompt_len, t.response_len
+            input_ids[i, prompt_w - p : prompt_w + r] = torch.tensor(t.token_ids)
+            attention[i, prompt_w - p : prompt_w + r] = 1
+            response_mask[i, :r] = torch.tensor(t.loss_mask[p:], dtype=torch.float32)
+            if has_sampler and t.logprobs is not None:
+                sampler[i, :r] = torch.tensor(t.logprobs[p:], dtype=torch.float32)
+        return PolicyBatch(
+            input_ids=input_ids,
+            attention_mask=attention,
+            response_mask=response_mask,
+            rewards=torch.tensor(list(rewards), dtype=torch.float32),
+            sampler_logprobs=sampler if has_sampler else None,
+        )

@@ -1,0 +1,231 @@
+"""The RL step of policy-gradient algorithms: rollout -> reward -> advantages -> clipped updates.
+
+One ``training_step`` is one RL step, and ``trainer.global_step`` counts RL steps (as in verl): the inner
+mini-batch updates step the optimizer through the strategy without advancing Lightning's step counter, so
+``trainer.max_steps`` is the number of RL steps whatever ``epochs`` and ``mini_batch_size`` are.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from retool.algorithm.base import Algorithm
+from retool.algorithm.batch import PolicyBatch
+from retool.algorithm.evaluation import mean
+from retool.metrics import rollout_metrics
+from retool.types import Problem, RewardOutput, Trajectory
+
+
+class PolicyGradient(Algorithm, ABC):
+    """Base class of RL algorithms whose step is rollout, reward, advantages, then epochs of updates.
+
+    A subclass (``GRPO``, PPO, ...) supplies :meth:`advantages` and :meth:`loss`; rolling out, scoring,
+    batching into tensors, old and reference log-probabilities, mini- and micro-batching, gradient clipping,
+    metrics and weight sync are done here, the same way for every estimator.
+
+    Args:
+        group_size: Trajectories rolled out per problem.
+        epochs: Passes over each rollout batch.
+        mini_batch_size: Trajectories per optimizer step (default: the whole rollout batch, one step per epoch).
+        log_samples: Trajectories per step written to the run's ``trajectories.jsonl``.
+        **kwargs: The options of every algorithm (``lr``, ``micro_batch_size``, ``eval_every``, ...).
+    """
+
+    def __init__(
+        self,
+        group_size: int = 4,
+        epochs: int = 1,
+        mini_batch_size: int | None = None,
+        log_samples: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, value in (("group_size", group_size), ("epochs", epochs)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}")
+        self.group_size = group_size
+        self.epochs = epochs
+        self.mini_batch_size = mini_batch_size
+        self.log_samples = log_samples
+        self.ref_model: torch.nn.Module | None = None
+        self._shuffle = torch.Generator().manual_seed(0)
+
+    # ---- what a subclass supplies -------------------------------------------------------------------------
+
+    @abstractmethod
+    def advantages(self, batch: PolicyBatch) -> torch.Tensor:
+        """(N, R) per-token advantages for ``batch`` (rewards are in ``batch.rewards``, grouped by problem)."""
+
+    @abstractmethod
+    def loss(
+        self, batch: PolicyBatch, logprobs: torch.Tensor, entropy: torch.Tensor, token_count: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a micro-batch and its statistics.
+
+        ``logprobs`` and ``entropy`` are (n, R) under the current policy. Token-level terms are summed over
+        ``batch.response_mask`` and divided by ``token_count``, the masked tokens of the whole mini-batch, so
+        that the micro-batches' losses add up to a token-level mean. Statistics are sums over masked tokens
+        (divided by the same count by the caller).
+        """
+
+    def has_signal(self, batch: PolicyBatch) -> bool:
+        """Whether an update on ``batch`` can change the policy; ``False`` skips the update's passes."""
+        assert batch.advantages is not None
+        return bool(batch.advantages.abs().sum() > 0)
+
+    def needs_reference(self) -> bool:
+        """Whether a frozen copy of the initial policy is kept (for a KL term)."""
+        return False
+
+    def needs_entropy_grad(self) -> bool:
+        """Whether :meth:`loss` puts the entropy in the loss, so it must carry a gradient (an entropy
+        bonus). ``False`` (the default) computes it without one: it is only logged, and the graph of a
+        softmax over the whole vocabulary at every position costs memory."""
+        return False
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------------
+
+    def on_policy_loaded(self) -> None:
+        if self.needs_reference():
+            import copy
+
+            assert self.model is not None
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def training_step(self, problems: list[Problem], batch_idx: int) -> None:
+        if self.rollout is None or self.reward is None:
+            raise RuntimeError(f"{type(self).__name__} needs a rollout and a reward section in the recipe")
+        step_start = time.perf_counter()
+        rollout = self.rollout.rollout(
+            problems, self.group_size, self.executor, session_prefix=f"r{self.global_rank}s{self.global_step}"
+        )
+        expanded = [p for p in problems for _ in range(self.group_size)]
+        scores = self.reward(rollout.trajectories, expanded)
+        update_start = time.perf_counter()
+        stats = self.update(rollout.trajectories, scores)
+        update_s = time.perf_counter() - update_start
+        sync_start = time.perf_counter()
+        if self.rollout.needs_weight_sync and not stats["train/skipped"]:  # a skipped update left them as they were
+            assert self.model is not None
+            self.rollout.load_weights(self.model.state_dict())
+        sync_s = time.perf_counter() - sync_start
+        metrics = {
+            **rollout_metrics(rollout.trajectories),
+            **{f"reward/{k}": mean(v) for k, v in scores.components.items()},
+            "reward/mean": mean(scores.rewards),
+            "reward/std": float(torch.tensor(scores.rewards).std()) if len(scores.rewards) > 1 else 0.0,
+            **stats,
+            "time/generate_s": rollout.generate_s,
+            "time/tool_wait_s": rollout.tool_wait_s,
+            "time/update_s": update_s,
+            "time/weight_sync_s": sync_s,
+            "time/step_s": time.perf_counter() - step_start,
+            "perf/generate_tokens_per_s": (
+                rollout.generated_tokens / rollout.generate_s if rollout.generate_s > 1e-6 else float("nan")
+            ),
+        }
+        samples = self._samples(rollout.trajectories, expanded, scores)
+        self.record_step(metrics, samples, batch_size=len(problems))
+
+    # ---- the update ---------------------------------------------------------------------------------------
+
+    def update(self, trajectories: Sequence[Trajectory], scores: RewardOutput) -> dict[str, float]:
+        """Epochs of clipped updates over mini-batches of the rollout batch; returns the step's statistics."""
+        assert self.model is not None
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = PolicyBatch.from_trajectories(trajectories, scores.rewards, pad)
+        batch = batch.select(torch.arange(batch.size))  # a copy we may fill in
+        batch.advantages = self.advantages(batch)
+        optimizer = self.optimizers()
+        if not self.has_signal(batch):
+            # Every advantage is zero (e.g. all answers wrong): the gradient would be zero. Skip the passes and
+            # step with no gradients (AdamW leaves a parameter without .grad untouched, so momentum cannot
+            # move the weights), which still counts the RL step.
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            return {
+                "train/skipped": 1.0,
+                "train/optimizer_steps": 0.0,
+                "train/lr": float(optimizer.param_groups[0]["lr"]),
+            }
+        n = batch.size
+        mini = min(self.mini_batch_size or n, n)
+        on_policy = self.epochs == 1 and mini == n
+        if not on_policy:
+            batch.old_logprobs = self._logprobs_no_grad(self.model, batch)
+        if self.ref_model is not None:
+            batch.ref_logprobs = self._logprobs_no_grad(self.ref_model, batch)
+
+        sums: dict[str, float] = {}
+        tokens_seen = 0.0
+        grad_norms: list[float] = []
+        updates = [(e, s) for e in range(self.epochs) for s in range(0, n, mini)]
+        self.model.train()
+        for k, (_, start) in enumerate(updates):
+            if start == 0:
+                order = torch.randperm(n, generator=self._shuffle) if n > mini else torch.arange(n)
+            index = order[start : start + mini]
+            token_count = batch.response_mask[index].sum().clamp(min=1.0)
+            for micro in index.split(self.micro_batch_size):
+                part = batch.select(micro)
+                logprobs, entropy = self.sequence_logprobs(
+                    self.model, part, with_entropy=True, entropy_grad=self.needs_entropy_grad()
+                )
+                if on_policy and part.sampler_logprobs is not None:  # the trainer's view before any update
+                    gap = (logprobs.detach().float().cpu() - part.sampler_logprobs).abs() * part.response_mask
+                    sums["train/sampler_logprob_diff"] = sums.get("train/sampler_logprob_diff", 0.0) + float(gap.sum())
+                loss, stats = self.loss(part, logprobs, entropy, token_count)
+                self.manual_backward(loss)
+                for name, value in stats.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+            tokens_seen += float(token_count)
+            grad_norms.append(self.clip_grad_norm())
+            self.step_optimizer(optimizer, last=k == len(updates) - 1)
+            optimizer.zero_grad(set_to_none=True)
+        stats = {name: value / max(tokens_seen, 1.0) for name, value in sums.items()}
+        stats["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        stats["train/optimizer_steps"] = float(len(updates))
+        stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
+        stats["train/skipped"] = 0.0
+        if batch.sampler_logprobs is not None and not on_policy:  # measured against the recomputed old log-probs
+            assert batch.old_logprobs is not None
+            diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask
+            stats["train/sampler_logprob_diff"] = float(diff.sum() / batch.response_mask.sum().clamp(min=1))
+        return stats
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model: torch.nn.Module, batch: PolicyBatch) -> torch.Tensor:
+        parts = [
+            self.sequence_logprobs(model, batch.select(i))[0].float().cpu()
+            for i in torch.arange(batch.size).split(self.micro_batch_size)
+        ]
+        return torch.cat(parts)
+
+    # ---- output ---------------------------------------------------------------------------------------
+
+    def _samples(
+        self, trajectories: Sequence[Trajectory], problems: Sequence[Problem], scores: RewardOutput
+    ) -> list[dict[str, Any]]:
+        picked = list(range(0, len(trajectories), self.group_size))[: self.log_samples]
+        picked += [i for i in range(len(trajectories)) if i not in picked][: self.log_samples - len(picked)]
+        return [
+            {
+                "step": int(self.global_step),
+                "problem_id": trajectories[i].problem_id,
+                "group": trajectories[i].group,
+                "prompt": problems[i].prompt,
+                "answer": problems[i].answer,
+                "response": trajectories[i].response_text,
+                "reward": scores.rewards[i],
+                "finish_reason": trajectories[i].finish_reason,
+                "tool_calls": len(trajectories[i].tool_calls),
+            }
+            for i in sorted(picked)
+        ]

@@ -1,0 +1,285 @@
+"""``retool fit`` and ``retool validate``: one set-up path from a parsed recipe to a Trainer and a run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata as md
+from pathlib import Path
+from typing import Any
+
+from retool import plugins as plugin_registry
+from retool.cli._common import ConfigError, print_error, root_cause, wants_help
+from retool.cli.recipe import ParsedRecipe, build_parser, parse_recipe
+from retool.plugins import PluginInfo
+
+FIT_USAGE = "retool fit --recipe PATH [--print_config] [--section.key VALUE ...]"
+VALIDATE_USAGE = "retool validate --recipe PATH [--ckpt_path POLICY_DIR_OR_CKPT] [--section.key VALUE ...]"
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """A run built from a recipe: its components, the Trainer that runs them, and where it writes.
+
+    Args:
+        algorithm: The algorithm, its policy, rollout, executor and reward injected.
+        data: The data module.
+        trainer: The Lightning Trainer, with retool's callbacks and loggers.
+        run_dir: The run directory (recipe, versions, logs, metrics, checkpoints, the exported policy).
+        table: The live step table (it keeps every step's metrics and every evaluation).
+        artifacts: The callback that writes the run directory's files and exports the policy.
+        evaluates: Whether the run evaluates on held-out problems (the data has them and the recipe asks).
+        console: Where the run prints.
+    """
+
+    algorithm: Any
+    data: Any
+    trainer: Any
+    run_dir: Path
+    table: Any
+    artifacts: Any
+    evaluates: bool
+    console: Any
+
+
+def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
+    """``retool fit``: train with a recipe; 0 when it finished, 130 when interrupted (Ctrl-C)."""
+    found = plugin_registry.discover(blocked)
+    if wants_help(args):
+        build_parser("retool fit").print_help()
+        return 0
+    if any(arg.endswith(".help") for arg in args):  # --algorithm.help GRPO: a plugin's options, no recipe needed
+        try:
+            build_parser("retool fit").parse_args(args)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+    try:
+        parsed = parse_recipe(args, found, "retool fit")
+    except SystemExit as exc:  # --print_config printed the resolved recipe
+        return int(exc.code or 0)
+    return _fit(setup_run(parsed, found, "fit"), parsed)
+
+
+def cmd_validate(args: list[str], blocked: Sequence[str]) -> int:
+    """``retool validate``: evaluate a policy on a recipe's held-out problems.
+
+    ``--ckpt_path`` takes a Hugging Face folder (a run's ``policy/``) or a Lightning checkpoint (``.ckpt``);
+    without it the recipe's own policy is evaluated.
+    """
+    found = plugin_registry.discover(blocked)
+    if wants_help(args):
+        build_parser("retool validate", "Evaluate a policy on a recipe's held-out problems.").print_help()
+        return 0
+    try:
+        parsed = parse_recipe(args, found, "retool validate")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    cfg = parsed.config
+    ckpt = cfg.ckpt_path
+    if ckpt is not None:
+        path = Path(ckpt)
+        if path.is_dir():  # an exported policy: evaluate it as the recipe's policy
+            cfg.policy.name_or_path = str(path)
+            cfg.ckpt_path = ckpt = None
+        elif not path.is_file():
+            raise ConfigError(f"--ckpt_path {ckpt!r} is neither a policy folder nor a checkpoint file")
+    run = setup_run(parsed, found, "validate")
+    run.console.print(f"[bold]retool validate[/] {parsed.path} ({cfg.policy.name_or_path}) -> [cyan]{run.run_dir}[/]")
+    from retool.policy import PolicyLoadError
+
+    try:
+        validate_all(run, ckpt_path=ckpt)
+    except PolicyLoadError as exc:
+        print_error(str(exc))
+        return 1
+    finally:
+        run.algorithm.close_resources()
+    _print_evaluations(run)
+    run.console.print(f"run directory: [cyan]{run.run_dir}[/]")
+    return 0
+
+
+def setup_run(parsed: ParsedRecipe, found: Sequence[PluginInfo], command: str) -> RunSetup:
+    """Instantiate a parsed recipe, check it, and build its run directory and Trainer (fit and validate).
+
+    Everything that can fail on the recipe (a plugin's own check of its values, a missing data file, a
+    missing policy) fails here, as a :class:`ConfigError`, before the run directory is made or weights load.
+    """
+    from retool.policy import PolicyLoadError
+
+    _quiet_lightning()
+    cfg = parsed.config
+    try:
+        init = parsed.parser.instantiate(cfg)
+        if command == "validate":
+            init.algorithm.eval_at_start = True  # what validate does: an algorithm checks what evaluation needs
+        init.algorithm.check_components()
+        if command == "fit":  # a missing file or a dataset without traces for SFT fails here, before any weights load
+            train_on = init.algorithm.train_on
+            items = init.data.traces("train") if train_on == "traces" else init.data.problems("train")
+            if not items:
+                raise ValueError(f"{type(init.data).__name__} has no training {train_on}")
+        evaluates = bool(init.data.problems("val")) if _evaluates(init.algorithm) else False
+        if init.policy is not None:
+            init.policy.check()  # a missing folder or model package: before the run directory exists
+    except PolicyLoadError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # a plugin's __init__ rejected a value: show its own message, not the wrapper's
+        raise ConfigError(f"invalid recipe value: {root_cause(exc)}") from None
+    if command == "validate" and not evaluates:
+        raise ConfigError(f"the data section ({type(init.data).__name__}) has no val problems to evaluate on")
+    run_dir = _make_run_dir(parsed, found, command)
+    return _build_trainer(init, run_dir, evaluates, command)
+
+
+def _make_run_dir(parsed: ParsedRecipe, found: Sequence[PluginInfo], command: str) -> Path:
+    """The run directory, with the resolved recipe, the package versions and the seed written into it."""
+    import lightning as L
+
+    cfg = parsed.config
+    default_name = parsed.path.stem if command == "fit" else f"validate-{parsed.path.stem}"
+    run_dir = Path(cfg.run_dir or Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = cfg.clone()
+    for key in ("print_config", "recipe"):
+        if key in saved:
+            del saved[key]
+    saved.run_dir = None  # a rerun of the saved recipe must not write into this run's directory
+    (run_dir / "recipe.yaml").write_text(parsed.parser.dump(saved), encoding="utf-8")
+    (run_dir / "versions.json").write_text(json.dumps(_versions(found), indent=2) + "\n", encoding="utf-8")
+    (run_dir / "seed.txt").write_text(f"{cfg.seed_everything}\n", encoding="utf-8")
+    L.seed_everything(cfg.seed_everything, workers=True, verbose=False)
+    return run_dir
+
+
+def _build_trainer(init: Any, run_dir: Path, evaluates: bool, command: str) -> RunSetup:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from rich.console import Console
+
+    from retool.callbacks import RunArtifacts, StepTable
+
+    console = Console()
+    trainer_kwargs = dict(init.trainer)
+    callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+    table = StepTable(console)
+    artifacts = RunArtifacts(run_dir)
+    callbacks += [table, artifacts]
+    if (
+        command == "fit"
+        and trainer_kwargs.get("enable_checkpointing", True)
+        and not any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    ):
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
+    if trainer_kwargs.get("logger") in (None, True):
+        trainer_kwargs["logger"] = [
+            CSVLogger(save_dir=run_dir, name="csv", version=""),
+            TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
+        ]
+    trainer_kwargs["default_root_dir"] = str(run_dir)
+    if trainer_kwargs.get("log_every_n_steps") is None:
+        trainer_kwargs["log_every_n_steps"] = 1  # one RL step is expensive: log every one
+    trainer_kwargs["enable_progress_bar"] = True
+    trainer_kwargs["enable_model_summary"] = False
+    trainer_kwargs["num_sanity_val_steps"] = 0  # evaluation rolls out whole problems: never as a "sanity check"
+    every = init.algorithm.eval_every
+    if evaluates and every > 0:  # evaluate every N steps, counted across epochs
+        trainer_kwargs["val_check_interval"] = every
+        trainer_kwargs["check_val_every_n_epoch"] = None
+    elif command == "fit":
+        trainer_kwargs["limit_val_batches"] = 0  # evaluation runs only where the CLI asks (start, end)
+    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
+    return RunSetup(init.algorithm, init.data, trainer, run_dir, table, artifacts, evaluates, console)
+
+
+def _fit(run: RunSetup, parsed: ParsedRecipe) -> int:
+    from retool.policy import PolicyLoadError
+
+    algorithm, trainer, console = run.algorithm, run.trainer, run.console
+    # One module goes through up to three stages (evaluate, train, evaluate): its executor, reward workers and
+    # rollout engine stay open across them and are closed once, at the end, however the run ends.
+    algorithm.keep_resources_open = True
+    console.print(f"[bold]retool fit[/] {parsed.path} -> run directory [cyan]{run.run_dir}[/]")
+    try:
+        if run.evaluates and algorithm.eval_at_start:
+            validate_all(run)
+        trainer.fit(algorithm, datamodule=run.data, ckpt_path=parsed.config.ckpt_path)
+        last = run.table.evaluations[-1].step if run.table.evaluations else None
+        if run.evaluates and not trainer.interrupted and last != trainer.global_step:
+            validate_all(run)  # the "after" row of the run
+    except PolicyLoadError as exc:
+        print_error(str(exc))
+        return 1
+    except SystemExit:
+        # Lightning shuts down gracefully on Ctrl-C, then exits; finish our report before we do.
+        if not trainer.interrupted:
+            raise
+    finally:
+        algorithm.close_resources()
+    if run.table.history:
+        console.print(run.table.summary())
+    _print_evaluations(run)
+    if trainer.interrupted:
+        exported = run.artifacts.exported
+        where = f"; the policy as it was is in {exported}" if exported else ""
+        console.print(f"[yellow]interrupted after {trainer.global_step} steps{where}[/]")
+        console.print(f"run directory: {run.run_dir}")
+        return 130
+    if run.artifacts.exported:
+        console.print(f"policy (Hugging Face format): [cyan]{run.artifacts.exported}[/]")
+    console.print(f"run directory: [cyan]{run.run_dir}[/]")
+    return 0
+
+
+def validate_all(run: RunSetup, ckpt_path: str | None = None) -> None:
+    """``trainer.validate`` over every val problem (a fit may have set ``limit_val_batches`` to 0)."""
+    trainer = run.trainer
+    saved = trainer.limit_val_batches
+    trainer.limit_val_batches = 1.0
+    try:
+        trainer.validate(run.algorithm, datamodule=run.data, ckpt_path=ckpt_path, verbose=False)
+    finally:
+        trainer.limit_val_batches = saved
+
+
+def _print_evaluations(run: RunSetup) -> None:
+    from retool.tables import evaluation_table
+
+    if run.table.evaluations:
+        rows = [record.row() for record in run.table.evaluations]
+        run.console.print(evaluation_table(rows, "evaluation on held-out problems (greedy)"))
+
+
+def _versions(found: Sequence[PluginInfo]) -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("retool", "torch", "transformers", "lightning", "jsonargparse", "math-verify", "vllm", "deepspeed"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    for p in found:
+        versions.setdefault(p.package, p.version)
+    return versions
+
+
+def _evaluates(algorithm: Any) -> bool:
+    return bool(algorithm.eval_every or algorithm.eval_at_start)
+
+
+class _NoAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_lightning() -> None:
+    """Drop two lines of Lightning's that say nothing about the run: an advertisement and a deprecation of its own."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvert())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
