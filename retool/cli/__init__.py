@@ -62,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, rest = args[0], args[1:]
         command = COMMANDS.get(name)
         if command is None:
-            raise ConfigError(f"unknown command {name!r}; commands: {', '.join(COMMANDS)}")
+            import difflib
+
+            near = difflib.get_close_matches(name, COMMANDS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown command {name!r}{hint} commands: {', '.join(COMMANDS)}")
         run = getattr(importlib.import_module(f"retool.cli.{command.module}"), command.function)
         return int(run(rest, blocked))
     except ConfigError as exc:

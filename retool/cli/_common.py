@@ -48,7 +48,11 @@ def parse(parser: Any, argv: Sequence[str]) -> Any:
     for arg in argv:
         name = arg.partition("=")[0]
         if name.startswith("-") and name not in known and name not in ("-h", "--help") and not _number(name):
-            raise ConfigError(f"unknown option {name!r}; {parser.prog} takes {', '.join(known)}")
+            import difflib
+
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown option {name!r}{hint} {parser.prog} takes {', '.join(known)}")
     try:
         return parser.parse_args(list(argv))
     except ArgumentError as exc:

@@ -26,9 +26,14 @@ def _parser() -> Any:
     )
     parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="Run directories written by retool fit.")
     parser.add_argument(
-        "--out", default=None, help="Write here instead of RUN_DIR/report (one folder per run when several)."
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="Write here instead of RUN_DIR/report (one folder per run when several).",
     )
-    parser.add_argument("--max-per-step", default="4", help="Trajectories shown per step on the page (N >= 1).")
+    parser.add_argument(
+        "--max-per-step", default="4", metavar="N", help="Trajectories shown per step on the page (N >= 1)."
+    )
     return parser
 
 

@@ -20,9 +20,11 @@ def _parser() -> Any:
         "code 1 if an active layer's self-test failed (or, with --strict, if a layer is not active).",
     )
     parser.add_argument(
-        "--executor", default=None, help="Check only this executor (a plugin name or a class path); default: every "
-        "discovered executor that checks itself."
-    )  # fmt: skip
+        "--executor",
+        default=None,
+        metavar="NAME_OR_CLASS_PATH",
+        help="Check only this executor; default: every discovered executor that checks itself.",
+    )
     parser.add_argument("--strict", action="store_true", help="Also fail when a layer is not active here.")
     return parser
 

@@ -39,13 +39,24 @@ def _parser() -> Any:
         "file", nargs="?", default=None, metavar="FILE",
         help="A .jsonl or .parquet file, a dataset folder, or a Hugging Face Hub id ORG/NAME (see TraceFile).",
     )  # fmt: skip
-    parser.add_argument("--executor", default=None, help="The executor plugin that runs the cells (required).")
-    parser.add_argument("--reward", default=None, help="The reward plugin that checks final answers; none: unchecked.")
+    parser.add_argument(
+        "--executor", default=None, metavar="NAME", help="The executor plugin that runs the cells (required)."
+    )
+    parser.add_argument(
+        "--reward", default=None, metavar="NAME", help="The reward plugin that checks final answers; none: unchecked."
+    )
     for name, text in _DATA_OPTIONS.items():
-        parser.add_argument(f"--{name}", default=None, help=text)
-    parser.add_argument("--out", default=None, help="Where the kept rows go (default: FILE's name with .kept.jsonl).")
-    parser.add_argument("--limit", default=None, help="Check only the first N rows.")
-    parser.add_argument("--concurrency", default="8", help="Traces whose cells run at the same time.")
+        parser.add_argument(
+            f"--{name}", default=None, metavar="KEY" if name.endswith("_field") else name.upper(), help=text
+        )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="KEPT.jsonl",
+        help="Where the kept rows go (default: FILE's name with .kept.jsonl).",
+    )
+    parser.add_argument("--limit", default=None, metavar="N", help="Check only the first N rows.")
+    parser.add_argument("--concurrency", default="8", metavar="N", help="Traces whose cells run at the same time.")
     return parser
 
 

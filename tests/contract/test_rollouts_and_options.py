@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from retool.plugins import KINDS, discover
@@ -12,9 +10,10 @@ from retool_plugins.rollout.hf import HFRollout
 
 
 @pytest.fixture(autouse=True)
-def _policy(tiny_model_dir: Path) -> None:
-    for suite in (TestHFRollout, TestHFRolloutWithTransformersKernels, TestVLLMRollout):
-        suite.policy = str(tiny_model_dir)
+def _policy(request: pytest.FixtureRequest) -> None:
+    if request.cls is not None:  # a rollout suite: its backend's policy
+        fixture = "tiny_vllm_model_dir" if request.cls is TestVLLMRollout else "tiny_model_dir"
+        request.cls.policy = str(request.getfixturevalue(fixture))
 
 
 class TestHFRollout(RolloutContract):

@@ -101,3 +101,30 @@ def test_the_core_never_imports_the_builtin_plugins() -> None:
         if line.lstrip().startswith(("import retool_plugins", "from retool_plugins"))
     ]
     assert offenders == []
+
+
+def _plugin_of(module: str) -> str | None:
+    """``retool_plugins.KIND.NAME`` for a plugin's module or part; ``None`` for a shared private helper."""
+    parts = module.split(".")
+    if len(parts) < 3 or parts[0] != "retool_plugins":
+        return None
+    return None if parts[2].startswith("_") else ".".join(parts[:3])
+
+
+def test_a_plugin_never_imports_another_plugin() -> None:
+    """A need two plugins share becomes a private helper of their folder (or moves to the core), so a plugin
+    can change, or be blocked with -p no:NAME, without breaking another."""
+    import ast
+
+    root = Path(retool_plugins.__file__).parent
+    crossings = []
+    for path in root.rglob("*.py"):
+        here = _plugin_of(".".join(("retool_plugins", *path.relative_to(root).with_suffix("").parts)))
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                there = _plugin_of(name)
+                if there is not None and there != here:
+                    crossings.append(f"{path.relative_to(root)} imports {name}")
+    assert not crossings, crossings
