@@ -18,9 +18,6 @@ from retool.cli._common import ConfigError, print_error, root_cause, wants_help
 from retool.cli.recipe import ParsedRecipe, build_parser, parse_recipe
 from retool.plugins import PluginInfo
 
-FIT_USAGE = "retool fit --recipe PATH [--print_config] [--section.key VALUE ...]"
-VALIDATE_USAGE = "retool validate --recipe PATH [--ckpt_path POLICY_DIR_OR_CKPT] [--section.key VALUE ...]"
-
 
 @dataclass(frozen=True)
 class RunSetup:
