@@ -30,6 +30,8 @@ TRAINING_PANELS: list[Panel] = [
     ("code use (0-1)", [(f"tools/{key}", label) for key, label in _CODE.items()]),
     ("cells", [("tools/calls", "cells per response"), ("tools/code_lines", "code lines per response")]),
     ("response length (tokens)", [("response/length", "with interpreter"), ("response/model_tokens", "model")]),
+    ("critic (PPO)", [("train/value_loss", "value loss"), ("train/explained_variance", "explained variance")]),
+    ("advantages and returns", [("train/advantage_std", "advantage std"), ("train/return_mean", "return mean")]),
 ]
 SFT_PANELS: list[Panel] = [("loss", [("train/loss", "loss")]), ("gradient norm", [("train/grad_norm", "grad norm")])]
 EVAL_PANELS: list[Panel] = [

@@ -47,11 +47,12 @@ def tiny_vllm_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFa
     return _tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama-vllm"), head_dim=32)
 
 
-def _tiny_llama(tokenizer_dir: Path, out: Path, **extra: int) -> Path:
+def _tiny_llama(tokenizer_dir: Path, out: Path, seed: int = 0, **extra: int) -> Path:
+    """A 2-layer random Llama with the SmolLM2 tokenizer, its weights drawn with ``seed``, saved in ``out``."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

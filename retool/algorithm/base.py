@@ -163,15 +163,44 @@ class Algorithm(Evaluation, L.LightningModule):
 
     # ---- optimization ---------------------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> Any:
-        assert self.model is not None
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules this algorithm trains, by name: the policy, and whatever a subclass adds (PPO's critic).
 
-    def clip_grad_norm(self) -> float:
-        """Clip the policy's gradient norm to ``max_grad_norm`` (if > 0); return the norm before clipping."""
+        Each gets an AdamW optimizer of its own (:meth:`configure_optimizers`, in this order) and its gradient
+        norm is clipped on its own (:meth:`clip_grad_norm`); a module that is a submodule of this one is saved
+        in its checkpoints.
+        """
         assert self.model is not None
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        return {"policy": self.model}
+
+    def learning_rate(self, name: str) -> float:
+        """The learning rate of the trainable module ``name`` (the policy's is ``lr``)."""
+        return self.lr
+
+    def configure_optimizers(self) -> Any:
+        optimizers = [
+            torch.optim.AdamW(
+                [p for p in module.parameters() if p.requires_grad],
+                lr=self.learning_rate(name),
+                betas=self.betas,
+                weight_decay=self.weight_decay,
+            )
+            for name, module in self.trainable_modules().items()
+        ]
+        return optimizers[0] if len(optimizers) == 1 else optimizers
+
+    def optimizer_list(self) -> list[Any]:
+        """The Lightning optimizers, one per trainable module, in :meth:`trainable_modules`' order."""
+        optimizers = self.optimizers()
+        return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+
+    def clip_grad_norm(self, module: torch.nn.Module | None = None) -> float:
+        """Clip ``module``'s gradient norm (default: the policy's) to ``max_grad_norm`` (if > 0); return the norm
+        before clipping. Each trainable module is clipped on its own, so a critic's large early gradients
+        never shrink the policy's step."""
+        module = module if module is not None else self.model
+        assert module is not None
+        params = [p for p in module.parameters() if p.grad is not None]
         if not params:
             return 0.0
         limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
@@ -180,8 +209,8 @@ class Algorithm(Evaluation, L.LightningModule):
     def step_optimizer(self, optimizer: Any, last: bool = True) -> None:
         """Step ``optimizer``; only the ``last`` step of a training step advances ``trainer.global_step``.
 
-        One training step is one RL step however many optimizer steps its mini-batches take (as in verl), so
-        ``trainer.max_steps`` counts RL steps.
+        One training step is one RL step however many optimizer steps its mini-batches (and its modules) take,
+        as in verl, so ``trainer.max_steps`` counts RL steps.
         """
         if last:
             optimizer.step()  # through Lightning: advances global_step once per RL step

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class PolicyBatch:
         old_logprobs: (N, R) log-probs under the policy that sampled, or ``None`` when on-policy.
         ref_logprobs: (N, R) log-probs under the frozen reference, or ``None`` without KL.
         sampler_logprobs: (N, R) log-probs the rollout backend reported, or ``None``.
+        values: (N, R) a critic's value estimates before each response token, or ``None`` without a critic.
+        returns: (N, R) the targets the critic is trained towards, or ``None``.
+        extra: Further per-row tensors an estimator needs (first dimension N); sliced with the rest.
     """
 
     input_ids: torch.Tensor
@@ -36,6 +39,9 @@ class PolicyBatch:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     sampler_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -46,9 +52,10 @@ class PolicyBatch:
         return self.response_mask.shape[1]
 
     def select(self, index: torch.Tensor) -> PolicyBatch:
-        """The rows ``index`` (every tensor field sliced the same way)."""
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return PolicyBatch(**{k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in fields.items()})
+        """The rows ``index``: every tensor field, and every tensor of ``extra``, sliced the same way."""
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extra"}
+        rows = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in fields.items()}
+        return PolicyBatch(**rows, extra={k: v[index] for k, v in self.extra.items()})
 
     @staticmethod
     def from_trajectories(trajectories: Sequence[Trajectory], rewards: Sequence[float], pad_id: int) -> PolicyBatch:

@@ -22,17 +22,24 @@ from retool.types import Problem, RewardOutput, Trajectory
 
 
 class PolicyGradient(Algorithm, ABC):
-    """Base class of RL algorithms whose step is rollout, reward, advantages, then epochs of updates.
+    """Base class of RL algorithms whose step is rollout, reward, advantages, then epochs of clipped updates.
 
-    A subclass (``GRPO``, PPO, ...) supplies :meth:`advantages` and :meth:`loss`; rolling out, scoring,
-    batching into tensors, old and reference log-probabilities, mini- and micro-batching, gradient clipping,
-    metrics and weight sync are done here, the same way for every estimator.
+    An estimator (``GRPO``, ``RLOO``, ``PPO``) supplies :meth:`advantages`; rolling out, scoring, batching into
+    tensors, old and reference log-probabilities, the clipped surrogate loss with its KL and entropy terms,
+    mini- and micro-batching, gradient clipping, metrics and weight sync are done here, the same way for
+    every estimator. Every token-level term is weighted by the response's loss mask: interpreter tokens never
+    enter a loss.
 
     Args:
         group_size: Trajectories rolled out per problem.
         epochs: Passes over each rollout batch.
         mini_batch_size: Trajectories per optimizer step (default: the whole rollout batch, one step per epoch).
         log_samples: Trajectories per step written to the run's ``trajectories.jsonl``.
+        clip_low: Lower clip range of the probability ratio: it is kept above ``1 - clip_low``.
+        clip_high: Upper clip range: the ratio is kept below ``1 + clip_high`` (DAPO's clip-higher when larger).
+        kl_coef: Weight of a KL penalty to the frozen initial policy (the k3 estimator, in the loss); 0 keeps
+            no reference model.
+        entropy_coef: Weight of an entropy bonus (0 = none; the entropy is logged either way).
         **kwargs: The options of every algorithm (``lr``, ``micro_batch_size``, ``eval_every``, ...).
     """
 
@@ -42,6 +49,10 @@ class PolicyGradient(Algorithm, ABC):
         epochs: int = 1,
         mini_batch_size: int | None = None,
         log_samples: int = 4,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        kl_coef: float = 0.0,
+        entropy_coef: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -50,10 +61,16 @@ class PolicyGradient(Algorithm, ABC):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if mini_batch_size is not None and mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1 or null, got {mini_batch_size}")
+        if clip_low < 0 or clip_high < 0 or kl_coef < 0:
+            raise ValueError("clip_low, clip_high and kl_coef must be >= 0")
         self.group_size = group_size
         self.epochs = epochs
         self.mini_batch_size = mini_batch_size
         self.log_samples = log_samples
+        self.clip_low = clip_low
+        self.clip_high = clip_high
+        self.kl_coef = kl_coef
+        self.entropy_coef = entropy_coef
         self.ref_model: torch.nn.Module | None = None
         self._shuffle = torch.Generator().manual_seed(0)
 
@@ -61,34 +78,110 @@ class PolicyGradient(Algorithm, ABC):
 
     @abstractmethod
     def advantages(self, batch: PolicyBatch) -> torch.Tensor:
-        """(N, R) per-token advantages for ``batch`` (rewards are in ``batch.rewards``, grouped by problem)."""
+        """(N, R) per-token advantages for ``batch`` (rewards are in ``batch.rewards``, grouped by problem).
 
-    @abstractmethod
+        Called after :meth:`estimate`, so that ``batch.old_logprobs``, ``batch.ref_logprobs`` and
+        ``batch.values`` are there when this algorithm asked for them. It may also fill ``batch.returns`` and
+        ``batch.extra`` (both are sliced with the batch for every mini- and micro-batch).
+        """
+
     def loss(
         self, batch: PolicyBatch, logprobs: torch.Tensor, entropy: torch.Tensor, token_count: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of a micro-batch and its statistics.
+        """The policy loss of a micro-batch and its statistics: the clipped surrogate, plus the KL penalty
+        (``kl_coef``) and the entropy bonus (``entropy_coef``).
 
         ``logprobs`` and ``entropy`` are (n, R) under the current policy. Token-level terms are summed over
         ``batch.response_mask`` and divided by ``token_count``, the masked tokens of the whole mini-batch, so
         that the micro-batches' losses add up to a token-level mean. Statistics are sums over masked tokens
         (divided by the same count by the caller).
         """
+        assert batch.advantages is not None
+        mask = batch.response_mask.to(logprobs.device)
+        advantages = batch.advantages.to(logprobs.device)
+        old = batch.old_logprobs.to(logprobs.device) if batch.old_logprobs is not None else logprobs.detach()
+        ratio = torch.exp(logprobs - old)
+        unclipped = ratio * advantages
+        clipped = torch.clamp(ratio, 1 - self.clip_low, 1 + self.clip_high) * advantages
+        per_token = -torch.minimum(unclipped, clipped)
+        is_clipped = (clipped < unclipped).float()
+        drift = (logprobs.detach() - old).float()  # log(new/old); the tokens were sampled from old
+        stats: dict[str, torch.Tensor] = {
+            "train/policy_loss": (per_token.detach() * mask).sum(),
+            "train/clip_frac": (is_clipped * mask).sum(),
+            # k3 KL from the policy that sampled the batch to the one being updated: how far the epochs and
+            # mini-batches of this step have moved it (0 for a single on-policy pass); logged with or without
+            # a reference model.
+            "train/ppo_kl": ((torch.exp(drift) - drift - 1) * mask).sum(),
+            "train/entropy": (entropy.detach() * mask).sum(),
+            "train/ratio": (ratio.detach() * mask).sum(),
+        }
+        if self.entropy_coef:
+            per_token = per_token - self.entropy_coef * entropy
+        if self.ref_model is not None and batch.ref_logprobs is not None and self.kl_in_loss():
+            delta = batch.ref_logprobs.to(logprobs.device) - logprobs
+            kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
+            per_token = per_token + self.kl_coef * kl
+            stats["train/kl"] = (kl.detach() * mask).sum()
+        loss = (per_token * mask).sum() / token_count
+        return loss, stats
 
     def has_signal(self, batch: PolicyBatch) -> bool:
-        """Whether an update on ``batch`` can change the policy; ``False`` skips the update's passes."""
+        """Whether an update on ``batch`` can change the policy; ``False`` skips the update's passes.
+
+        Zero advantages everywhere (a group whose answers all scored the same) give no gradient, unless a
+        KL or entropy term has one.
+        """
         assert batch.advantages is not None
-        return bool(batch.advantages.abs().sum() > 0)
+        return bool(batch.advantages.abs().sum() > 0) or self.kl_coef > 0 or self.entropy_coef != 0
+
+    def kl_in_loss(self) -> bool:
+        """Whether the KL penalty is a term of the loss (``True``) or shapes the rewards (PPO's other choice)."""
+        return True
 
     def needs_reference(self) -> bool:
         """Whether a frozen copy of the initial policy is kept (for a KL term)."""
-        return False
+        return self.kl_coef > 0
 
     def needs_entropy_grad(self) -> bool:
         """Whether :meth:`loss` puts the entropy in the loss, so it must carry a gradient (an entropy
-        bonus). ``False`` (the default) computes it without one: it is only logged, and the graph of a
-        softmax over the whole vocabulary at every position costs memory."""
+        bonus). ``False`` computes it without one: it is only logged, and the graph of a softmax over the
+        whole vocabulary at every position costs memory."""
+        return self.entropy_coef != 0
+
+    def advantage_stats(self, batch: PolicyBatch) -> dict[str, float]:
+        """Numbers about the step's advantages (and, in a subclass, returns and values), logged each step."""
+        assert batch.advantages is not None
+        mask = batch.response_mask > 0
+        values = batch.advantages[mask]
+        if not values.numel():
+            return {}
+        return {"train/advantage_mean": float(values.mean()), "train/advantage_std": float(values.std(unbiased=False))}
+
+    def backward_other_modules(self, batch: PolicyBatch, token_count: torch.Tensor) -> dict[str, float]:
+        """Backward passes of the modules other than the policy on one mini-batch (PPO's critic, in micro-batches
+        of its own size), before the optimizers step; returns statistics summed over masked tokens."""
+        return {}
+
+    def needs_old_logprobs(self) -> bool:
+        """Whether :meth:`advantages` or :meth:`loss` need ``batch.old_logprobs`` even when the update is a
+        single on-policy pass (where they equal the current log-probs, and are otherwise skipped)."""
         return False
+
+    def estimate(self, batch: PolicyBatch, on_policy: bool) -> None:
+        """Fill what the estimator may need, before :meth:`advantages`: the sampling policy's log-probs (unless
+        the update is one on-policy pass and :meth:`needs_old_logprobs` is false) and the reference's (when
+        :meth:`needs_reference`). A subclass with a critic adds its values here."""
+        assert self.model is not None
+        if not on_policy or self.needs_old_logprobs():
+            batch.old_logprobs = self._logprobs_no_grad(self.model, batch)
+        if self.ref_model is not None:
+            batch.ref_logprobs = self._logprobs_no_grad(self.ref_model, batch)
+
+    def updates_policy(self) -> bool:
+        """Whether this step's update trains the policy (``False``: only the other modules, e.g. a critic's
+        warm-up); the policy's forward passes then run without a graph."""
+        return True
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------
 
@@ -141,31 +234,29 @@ class PolicyGradient(Algorithm, ABC):
         assert self.model is not None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         batch = PolicyBatch.from_trajectories(trajectories, scores.rewards, pad)
-        batch = batch.select(torch.arange(batch.size))  # a copy we may fill in
+        n = batch.size
+        mini = min(self.mini_batch_size or n, n)
+        on_policy = self.epochs == 1 and mini == n
+        self.model.eval()  # the estimates are of the policy as it sampled, without dropout
+        self.estimate(batch, on_policy)
         batch.advantages = self.advantages(batch)
-        optimizer = self.optimizers()
+        estimates = self.advantage_stats(batch)
+        optimizers = self.optimizer_list()
+        modules = self.trainable_modules()
         if not self.has_signal(batch):
             # Every advantage is zero (e.g. all answers wrong): the gradient would be zero. Skip the passes and
             # step with no gradients (AdamW leaves a parameter without .grad untouched, so momentum cannot
             # move the weights), which still counts the RL step.
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
-            return {
-                "train/skipped": 1.0,
-                "train/optimizer_steps": 0.0,
-                "train/lr": float(optimizer.param_groups[0]["lr"]),
-            }
-        n = batch.size
-        mini = min(self.mini_batch_size or n, n)
-        on_policy = self.epochs == 1 and mini == n
-        if not on_policy:
-            batch.old_logprobs = self._logprobs_no_grad(self.model, batch)
-        if self.ref_model is not None:
-            batch.ref_logprobs = self._logprobs_no_grad(self.ref_model, batch)
+            for i, optimizer in enumerate(optimizers):
+                optimizer.zero_grad(set_to_none=True)
+                self.step_optimizer(optimizer, last=i == len(optimizers) - 1)
+            lr = float(optimizers[0].param_groups[0]["lr"])
+            return {**estimates, "train/skipped": 1.0, "train/optimizer_steps": 0.0, "train/lr": lr}
 
+        trains_policy = self.updates_policy()
         sums: dict[str, float] = {}
         tokens_seen = 0.0
-        grad_norms: list[float] = []
+        norms: dict[str, list[float]] = {name: [] for name in modules}
         updates = [(e, s) for e in range(self.epochs) for s in range(0, n, mini)]
         self.model.train()
         for k, (_, start) in enumerate(updates):
@@ -175,28 +266,36 @@ class PolicyGradient(Algorithm, ABC):
             token_count = batch.response_mask[index].sum().clamp(min=1.0)
             for micro in index.split(self.micro_batch_size):
                 part = batch.select(micro)
-                logprobs, entropy = self.sequence_logprobs(
-                    self.model, part, with_entropy=True, entropy_grad=self.needs_entropy_grad()
-                )
+                with torch.set_grad_enabled(trains_policy):
+                    logprobs, entropy = self.sequence_logprobs(
+                        self.model, part, with_entropy=True, entropy_grad=self.needs_entropy_grad()
+                    )
                 if on_policy and part.sampler_logprobs is not None:  # the trainer's view before any update
                     gap = (logprobs.detach().float().cpu() - part.sampler_logprobs).abs() * part.response_mask
                     sums["train/sampler_logprob_diff"] = sums.get("train/sampler_logprob_diff", 0.0) + float(gap.sum())
                 loss, stats = self.loss(part, logprobs, entropy, token_count)
-                self.manual_backward(loss)
+                if loss.requires_grad:
+                    self.manual_backward(loss)
                 for name, value in stats.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
+            for name, value in self.backward_other_modules(batch.select(index), token_count).items():
+                sums[name] = sums.get(name, 0.0) + float(value)
             tokens_seen += float(token_count)
-            grad_norms.append(self.clip_grad_norm())
-            self.step_optimizer(optimizer, last=k == len(updates) - 1)
-            optimizer.zero_grad(set_to_none=True)
-        stats = {name: value / max(tokens_seen, 1.0) for name, value in sums.items()}
-        stats["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+            for i, (name, module) in enumerate(modules.items()):
+                norms[name].append(self.clip_grad_norm(module))
+                last = k == len(updates) - 1 and i == len(modules) - 1
+                self.step_optimizer(optimizers[i], last=last)
+                optimizers[i].zero_grad(set_to_none=True)
+        stats = {**estimates, **{name: value / max(tokens_seen, 1.0) for name, value in sums.items()}}
+        for name, values in norms.items():
+            key = "train/grad_norm" if name == "policy" else f"train/{name}_grad_norm"
+            stats[key] = sum(values) / len(values)
         stats["train/optimizer_steps"] = float(len(updates))
-        stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
+        stats["train/lr"] = float(optimizers[0].param_groups[0]["lr"])
         stats["train/skipped"] = 0.0
-        if batch.sampler_logprobs is not None and not on_policy:  # measured against the recomputed old log-probs
-            assert batch.old_logprobs is not None
-            diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask
+        stats["train/policy_updated"] = float(trains_policy)
+        if batch.sampler_logprobs is not None and batch.old_logprobs is not None:  # measured against the recomputed
+            diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask  # old log-probs
             stats["train/sampler_logprob_diff"] = float(diff.sum() / batch.response_mask.sum().clamp(min=1))
         return stats
 

@@ -23,22 +23,27 @@ class ScriptedRollout(RolloutBackend):
 
     Args:
         script: The full text the model should write (cells included, interpreter replies excluded: the
-            loop inserts those after each closed cell); a list of texts, used in turn by successive
-            trajectories; or a function of the prompt text that returns it.
+            loop inserts those after each closed cell); a list of texts, used in turn by the successive
+            trajectories of each rollout (from the first text again at every rollout, as a real backend
+            with a fixed seed samples the same again); or a function of the prompt text that returns it.
         eos: Append the tokenizer's EOS token when the script ends.
         **kwargs: Budgets and format, as for any backend.
     """
 
     def __init__(self, script: str | list[str] | Callable[[str], str], eos: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if callable(script):
-            self.script = script
-        else:
-            texts = itertools.cycle([script] if isinstance(script, str) else list(script))
-            self.script = lambda prompt: next(texts)
+        self._texts = None if callable(script) else ([script] if isinstance(script, str) else list(script))
+        self._turns = itertools.cycle(self._texts or [""])
+        self.script = script if callable(script) else (lambda prompt: next(self._turns))
         self.eos = eos
         self._cursor: dict[str, tuple[list[int], int]] = {}
         self.calls: list[GenerationRequest] = []
+
+    def rollout(self, *args: Any, **kwargs: Any) -> Any:
+        # Each rollout starts over: request ids repeat across rollouts, and the texts are handed out in order again.
+        self._cursor.clear()
+        self._turns = itertools.cycle(self._texts or [""])
+        return super().rollout(*args, **kwargs)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         self.calls.append(request)

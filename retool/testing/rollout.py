@@ -50,12 +50,12 @@ class RolloutContract:
         return backend
 
     def roll(self, backend: RolloutBackend, group_size: int = 2) -> list[Trajectory]:
-        try:
-            return backend.rollout(PROBLEMS, group_size, EchoExecutor(), session_prefix="contract").trajectories
-        finally:
-            from retool._async import run_sync
+        return backend.rollout(PROBLEMS, group_size, EchoExecutor(), session_prefix="contract").trajectories
 
-            run_sync(backend.aclose())
+    def close(self, backend: RolloutBackend) -> None:
+        from retool._async import run_sync
+
+        run_sync(backend.aclose())
 
     def test_generate_keeps_its_token_budget(self) -> None:
         backend = self.bound()
@@ -74,7 +74,10 @@ class RolloutContract:
 
     def test_trajectories_come_grouped_with_their_masks(self) -> None:
         backend = self.bound()
-        trajectories = self.roll(backend)
+        try:
+            trajectories = self.roll(backend)
+        finally:
+            self.close(backend)
         assert [(t.problem_id, t.group) for t in trajectories] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
         for t in trajectories:
             assert len(t.loss_mask) == len(t.token_ids) and t.prompt_len > 0, t
@@ -85,13 +88,22 @@ class RolloutContract:
             assert t.logprobs is None or len(t.logprobs) == len(t.token_ids)
 
     def test_greedy_decoding_repeats_itself(self) -> None:
-        first, second = self.bound(), self.bound()
-        with first.sampling(0.0), second.sampling(0.0):
-            a, b = self.roll(first), self.roll(second)
+        backend = self.bound()
+        try:
+            with backend.sampling(0.0):
+                a, b = self.roll(backend), self.roll(backend)
+        finally:
+            self.close(backend)
         assert [t.token_ids for t in a] == [t.token_ids for t in b]
 
     def test_the_same_seed_samples_the_same_tokens(self) -> None:
-        a, b = self.roll(self.bound()), self.roll(self.bound())
+        """Two rollouts of the same problems sample the same tokens: a trajectory's samples depend on the seed
+        and its own id, not on what it was batched with or on the rollouts before it."""
+        backend = self.bound()
+        try:
+            a, b = self.roll(backend), self.roll(backend)
+        finally:
+            self.close(backend)
         assert [t.token_ids for t in a] == [t.token_ids for t in b]
 
     def test_logprobs_are_the_models_own(self) -> None:
@@ -99,7 +111,10 @@ class RolloutContract:
         if self.logprob_tolerance is None:
             return
         backend = self.bound()
-        trajectories = self.roll(backend)
+        try:
+            trajectories = self.roll(backend)
+        finally:
+            self.close(backend)
         model, _ = type(self)._loaded  # type: ignore[misc]
         temperature = backend.temperature or 1.0
         gaps: list[float] = []
