@@ -1,9 +1,11 @@
-"""The ReTool paper's comparison in miniature: text-only SFT then text-only RL, versus code SFT then tool RL.
+"""The ReTool paper's comparison in miniature: text-only SFT then text-only RL, versus code SFT then tool RL
+(GRPO, and the paper's PPO).
 
 Same model (SmolLM2-135M-Instruct), same problems (MathFamilies, seed 0: the same train/held-out split in
-every run), same number of RL steps. Each arm's SFT stage runs once: on CPU it is deterministic given the
-data (no dropout, a fixed data order), so every seed would reproduce it exactly; the seeds vary the RL
-stage (``seed_everything`` and the rollout's sampling seed). Writes into ``--out``:
+every run), same number of RL steps. Arms: ``text`` (text SFT, then GRPO without tools), ``code`` (code SFT,
+then GRPO with the interpreter) and ``code-ppo`` (the same code SFT, then PPO). Each SFT stage runs once: on
+CPU it is deterministic given the data (no dropout, a fixed data order), so every seed would reproduce it
+exactly; the seeds vary the RL stage (``seed_everything`` and the rollout's sampling seed). Writes into ``--out``:
 
 * ``results.md`` / ``results.json``: held-out greedy accuracy before SFT, after SFT and after RL (mean and
   spread over seeds), the RL gain against the seed-to-seed spread, and the paper's metrics after RL;
@@ -11,7 +13,7 @@ stage (``seed_everything`` and the rollout's sampling seed). Writes into ``--out
   ±1 std over seeds per arm; ``reward.png``: the training reward per RL step;
 * one run directory per stage (``code-sft``, ``code-rl-seed0``, ...), each readable with ``retool report``.
 
-Run (about an hour on 2 CPU cores):  python recipes/mini-retool/compare.py --out runs/mini-retool
+Run (about an hour and a half on 2 CPU cores):  python recipes/mini-retool/compare.py --out runs/mini-retool
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 from retool.report import load_run, plot_curves, plot_panels
 
 HERE = Path(__file__).resolve().parent
-ARMS = ("text", "code")
+ARMS = {"text": ("text-sft", "text-rl"), "code": ("code-sft", "code-rl"), "code-ppo": ("code-sft", "code-ppo")}
+"""Each arm: its SFT stage and its RL stage (recipe names; the code arms share their SFT stage)."""
 PAPER = [
     ("eval/code_ratio", "code ratio"),
     ("eval/code_lines", "code lines"),
@@ -74,14 +77,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(out: Path, seeds: list[int], rl_steps: int) -> dict[str, Any]:
+def summarize(out: Path, seeds: list[int], rl_steps: int, arms: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {"seeds": seeds, "rl_steps": rl_steps, "arms": {}}
     accuracy: dict[str, list[tuple[int, float, float]]] = {}
     paper: dict[str, dict[str, list[tuple[int, float, float]]]] = {label: {} for _, label in PAPER}
     reward: dict[str, list[tuple[int, float, float]]] = {}
-    for arm in ARMS:
-        sft = load_run(out / f"{arm}-sft").evaluation
-        rls = [load_run(out / f"{arm}-rl-seed{s}") for s in seeds]
+    for arm in arms:
+        sft_stage, rl_stage = ARMS[arm]
+        sft = load_run(out / sft_stage).evaluation
+        rls = [load_run(out / f"{rl_stage}-seed{s}") for s in seeds]
         before, after_sft = sft[0], sft[-1]
         finals = [run.evaluation[-1] for run in rls]
         gain = [f["eval/accuracy"] - after_sft["eval/accuracy"] for f in finals]
@@ -158,19 +162,21 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds per arm.")
     parser.add_argument("--rl_steps", type=int, default=8, help="RL steps per run (the same for both arms).")
     parser.add_argument("--summarize_only", action="store_true", help="Only rebuild the table and plots.")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="Which arms to run.")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if not args.summarize_only:
-        for arm in ARMS:
-            fit(HERE / f"{arm}-sft.yaml", out / f"{arm}-sft")
+        for arm in args.arms:
+            sft_stage, rl_stage = ARMS[arm]
+            fit(HERE / f"{sft_stage}.yaml", out / sft_stage)
             for seed in args.seeds:
                 fit(
-                    HERE / f"{arm}-rl.yaml",
-                    out / f"{arm}-rl-seed{seed}",
+                    HERE / f"{rl_stage}.yaml",
+                    out / f"{rl_stage}-seed{seed}",
                     "--policy.name_or_path",
-                    str(out / f"{arm}-sft" / "policy"),
+                    str(out / sft_stage / "policy"),
                     "--seed_everything",
                     str(seed),
                     "--rollout.init_args.seed",
@@ -178,7 +184,7 @@ def main() -> int:
                     "--trainer.max_steps",
                     str(args.rl_steps),
                 )
-    results = summarize(out, args.seeds, args.rl_steps)
+    results = summarize(out, args.seeds, args.rl_steps, args.arms)
     results["wall_s"] = time.monotonic() - started
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)

@@ -176,3 +176,14 @@ def test_a_batch_slices_its_extra_tensors_with_its_rows() -> None:
     part = batch.select(T([2, 0]))
     assert part.extra["baseline"].tolist() == [30.0, 10.0] and part.values is not None
     assert part.values[:, 0].tolist() == [3.0, 1.0] and part.rewards.tolist() == [3.0, 1.0]
+
+
+def test_every_ppo_option_is_documented_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from retool.cli import main
+
+    assert main(["fit", "--algorithm", "PPO", "--algorithm.help", "PPO"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for option in ("gamma", "lam", "value_clip", "critic_lr", "critic_warmup", "critic_name_or_path",
+                   "critic_micro_batch_size", "kl_penalty", "normalize_advantages", "clip_high", "lr"):  # fmt: skip
+        assert f"--algorithm.{option} " in out, option
+    assert "Steps at the start of a run during which only the critic trains" in out
