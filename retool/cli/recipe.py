@@ -201,6 +201,8 @@ def _given_options(recipe: dict[str, Any], args: Sequence[str]) -> list[_Given]:
             section, name = parts[0], parts[2]
         elif len(parts) == 2 and parts[0] in ("trainer", "policy"):
             section, name = parts
+        elif len(parts) == 2 and parts[0] in KINDS and parts[1] not in ("class_path", "init_args", "help"):
+            section, name = parts  # jsonargparse's shorthand: --algorithm.group_size for ...init_args.group_size
         else:
             continue
         if not eq:

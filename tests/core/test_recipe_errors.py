@@ -55,6 +55,7 @@ def _fails(tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe: dict, *ar
          "executor LocalSandbox has no option 'timeout'; did you mean 'timeout_s'?"),
         ({}, ["--algorithm.init_args.group_size", "many"],
          "algorithm GRPO: option 'group_size' expects an int, got 'many'"),
+        ({}, ["--algorithm.grup_size", "3"], "algorithm GRPO has no option 'grup_size'; did you mean 'group_size'?"),
         ({"executor": {"class_path": "LocalSandbox", "init_args": {"timeout_s": "fast"}}}, [],
          "executor LocalSandbox: option 'timeout_s' expects a float, got 'fast'"),
         ({"trainer": {"max_steps": "lots"}}, [], "trainer.max_steps expects an int, got 'lots'"),
