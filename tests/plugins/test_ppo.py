@@ -4,6 +4,7 @@ checkpoints and export. Each GAE case is a failure a peer shipped once (verl PR 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -93,6 +94,9 @@ def test_value_clipping_bounds_the_step_from_the_old_value() -> None:
     loss, clipped = value_loss(new, old, target, T([[1.0]]), clip=0.2)
     assert float(loss) == pytest.approx(0.5 * 0.8**2) and float(clipped) == 1  # the clipped error is the larger
     assert explained_variance(T([[1.0, 2.0, 3.0]]), T([[1.0, 2.0, 3.0]]), T([[1, 1, 1]])) == 1.0
+    # Every answer wrong: returns of -1 (up to float rounding) and values near it. No variance to explain.
+    returns = torch.full((2, 3), -1.0) + T([[0.0, 1e-7, 0.0], [0.0, 0.0, -1e-7]])
+    assert math.isnan(explained_variance(torch.full((2, 3), -0.9), returns, torch.ones(2, 3)))
 
 
 def test_rloo_baseline_leaves_each_trajectory_out() -> None:

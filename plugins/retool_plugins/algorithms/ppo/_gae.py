@@ -88,9 +88,10 @@ def value_loss(
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """``1 - Var(R - V) / Var(R)`` over masked tokens: 1 when the critic predicts the returns, 0 when it
-    predicts no better than their mean, negative when worse; NaN when the returns do not vary."""
+    predicts no better than their mean, negative when worse; NaN when the returns (almost) do not vary."""
     mask = mask > 0
-    r, v = returns[mask].float(), values[mask].float()
-    if r.numel() < 2 or float(r.var(unbiased=False)) == 0.0:
+    r, v = returns[mask].double(), values[mask].double()
+    # Returns that barely vary (a batch whose answers all scored alike) leave the ratio meaningless, not huge.
+    if r.numel() < 2 or float(r.var(unbiased=False)) < 1e-8:
         return float("nan")
     return float(1 - (r - v).var(unbiased=False) / r.var(unbiased=False))
