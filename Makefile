@@ -14,6 +14,9 @@ setup: $(VENV)/.installed
 # Where there is no GPU, install the CPU build of torch first, so that nothing pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
+	# Left by installs from before the hatchling build: run from here (python -m retool.cli, pytest), Python
+	# would read its stale list of plugins instead of the installed one, and miss every newer plugin.
+	rm -rf retool.egg-info
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[dev]"

@@ -1,6 +1,6 @@
 """The real quickstart in miniature, end to end (CI runs it): SmolLM2-135M-Instruct, SFT on MathFamilies
 code traces with evaluation before and after, then one GRPO step with real code execution from its export,
-then ``retool report`` over both runs."""
+``retool report`` over both runs, and one PPO step from the same export."""
 
 from __future__ import annotations
 
@@ -54,3 +54,17 @@ def test_two_stages_of_the_quickstart(tmp_path: Path, capsys: pytest.CaptureFixt
 
     assert main(["report", str(sft_dir), str(rl_dir)]) == 0
     assert (sft_dir / "report" / "evaluation.png").is_file() and (rl_dir / "report" / "trajectories.html").is_file()
+
+    # The same stage with PPO: a critic copied from the SFT policy trains beside it and is exported next to it.
+    ppo_dir = tmp_path / "ppo"
+    code = main(
+        ["fit", "--recipe", str(recipes / "ppo.yaml"), "--trainer.max_steps", "1",
+         "--algorithm.init_args.eval_every", "1", "--algorithm.init_args.critic_warmup", "0",
+         "--policy.name_or_path", str(sft_dir / "policy"), "--run_dir", str(ppo_dir), *SMALL]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (step,) = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
+    assert step["train/policy_updated"] == 1 and step["train/value_loss"] > 0 and step["train/critic_grad_norm"] > 0
+    assert "v loss" in out and "ev" in out  # the step table's critic columns
+    assert (ppo_dir / "policy" / "config.json").is_file() and (ppo_dir / "critic" / "value_head.safetensors").is_file()
