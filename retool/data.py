@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from retool.types import Problem, Trace
 
@@ -17,6 +17,41 @@ from retool.types import Problem, Trace
 def _as_list(batch: list[Any]) -> list[Any]:
     # Problems and traces are not tensors: keep a batch as the plain list of dataclasses.
     return batch
+
+
+class RankBatches(Sampler[list[int]]):
+    """The global batches of ``order``, each cut into ``world`` equal shares; yields this ``rank``'s share.
+
+    Every rank draws the same global order (the same seeded generator), so the ranks' shares of a step are
+    disjoint and together are the batch a single process would take: a run on 2 processes trains on the same
+    problems at each step as a run on one. Shares are contiguous, so a rank's problems are a slice of the
+    global batch, in order.
+    """
+
+    def __init__(self, order: Sampler[int], batch_size: int, drop_last: bool, world: int = 1, rank: int = 0) -> None:
+        self.order = order
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.world = world
+        self.rank = rank
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        batch: list[int] = []
+        for index in self.order:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield self._share(batch)
+                batch = []
+        if batch and not self.drop_last:
+            yield self._share(batch)
+
+    def _share(self, batch: list[int]) -> list[int]:
+        size = -(-len(batch) // self.world)  # a last, short batch is shared as evenly as it can be
+        return batch[self.rank * size : (self.rank + 1) * size]
+
+    def __len__(self) -> int:
+        n = len(self.order)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
 class ProblemDataModule(L.LightningDataModule):
@@ -29,8 +64,13 @@ class ProblemDataModule(L.LightningDataModule):
     the training items; ``trainer.max_steps`` decides how many batches (steps) a run takes, cycling through
     epochs as needed.
 
+    With several processes (``trainer.devices`` or ``trainer.num_nodes`` > 1), ``batch_size`` is still the
+    whole step's: each rank takes an equal, disjoint share of every batch (:class:`RankBatches`), and of the
+    held-out problems.
+
     Args:
-        batch_size: Problems per RL step (each is rolled out ``group_size`` times by the algorithm).
+        batch_size: Problems per RL step (each is rolled out ``group_size`` times by the algorithm), or traces
+            per SFT step, over all processes together; it must be a multiple of the number of processes.
         seed: Seed of the shuffling order (and of generated problems, for generators).
         shuffle: Shuffle the training problems each epoch.
     """
@@ -80,21 +120,45 @@ class ProblemDataModule(L.LightningDataModule):
         items: list[Any] = self.traces("train") if self._train_on() == "traces" else self.problems("train")
         if not items:
             raise ValueError(f"{type(self).__name__} has no training {self._train_on()}")
+        world, rank = self._world()
+        if self.batch_size % world:
+            raise ValueError(
+                f"data batch_size ({self.batch_size}) is the whole step's batch and must be a multiple of the "
+                f"number of processes ({world}), so that every rank takes an equal share"
+            )
+        # The DataLoader draws a worker seed from this generator before the sampler draws its order, as it did
+        # when it shuffled by itself: one process takes the same batches as before ranks existed.
         generator = torch.Generator().manual_seed(self.seed)
+        order = RandomSampler(items, generator=generator) if self.shuffle else SequentialSampler(items)
+        batches = RankBatches(order, self.batch_size, drop_last=len(items) >= self.batch_size, world=world, rank=rank)
         return DataLoader(
             items,  # type: ignore[arg-type]  # a list is a valid map-style dataset
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            batch_sampler=batches,
             generator=generator,
             collate_fn=_as_list,
-            drop_last=len(items) >= self.batch_size,
         )
 
     def val_dataloader(self) -> DataLoader:
         problems = self.problems("val")
         module = self.trainer.lightning_module if self.trainer is not None else None
         size = getattr(module, "eval_batch_size", None) or self.batch_size
-        return DataLoader(problems, batch_size=size, shuffle=False, collate_fn=_as_list)  # type: ignore[arg-type]
+        world, rank = self._world()
+        if len(problems) < world:
+            raise ValueError(
+                f"{len(problems)} val problems cannot be shared among {world} processes (one each at least)"
+            )
+        # Each rank evaluates a contiguous share of the problems (evaluation gathers the results in order).
+        share = -(-len(problems) // world)
+        mine = problems[rank * share : (rank + 1) * share]
+        per_rank = max(1, -(-size // world))
+        return DataLoader(mine, batch_size=per_rank, shuffle=False, collate_fn=_as_list)  # type: ignore[arg-type]
+
+    def _world(self) -> tuple[int, int]:
+        """(processes, this one's global rank) of the trainer this module is attached to."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # a batch is a list of Problems (frozen dataclasses of text): nothing to move

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from retool import distributed
 from retool._async import run_sync
 from retool.algorithm.batch import PolicyBatch
 from retool.algorithm.evaluation import Evaluation
@@ -42,14 +43,15 @@ class Algorithm(Evaluation, L.LightningModule):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         max_grad_norm: Clip the global gradient norm to this (0 = no clipping; the norm is logged either way).
-        micro_batch_size: Sequences per forward/backward pass (gradient accumulation); lower it to save memory.
+        micro_batch_size: Sequences per forward/backward pass of each process (gradient accumulation); lower it to
+            save memory.
         eval_every: Evaluate on the dataset's ``val`` problems every this many steps. A run that evaluates at
             all (``eval_every > 0`` or ``eval_at_start``) also evaluates at its end; with both off, only
             ``retool validate`` does. See :meth:`validation_step`.
         eval_samples: Besides the greedy pass, sample this many answers per problem at the rollout's
             temperature and report avg@k (mean accuracy) and pass@k (any correct); 0 = greedy only.
         eval_at_start: Evaluate once before the first step (the "before" row of a before/after table).
-        eval_batch_size: Problems per evaluation batch (default: the data's ``batch_size``).
+        eval_batch_size: Problems per evaluation batch, over all processes (default: the data's ``batch_size``).
         policy: Injected from the recipe's ``policy`` section.
         rollout: Injected from the recipe's ``rollout`` section.
         executor: Injected from the recipe's ``executor`` section.
@@ -104,6 +106,7 @@ class Algorithm(Evaluation, L.LightningModule):
         self.reward = reward
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
+        self._averages_gradients = False  # set in on_fit_start: DDP, whose gradients retool averages itself
 
     # ---- components ---------------------------------------------------------------------------------------
 
@@ -160,6 +163,39 @@ class Algorithm(Evaluation, L.LightningModule):
             run_sync(self.executor.aclose())
         if self.rollout is not None:
             run_sync(self.rollout.aclose())
+
+    # ---- processes ------------------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._averages_gradients = isinstance(self.trainer.strategy.model, DistributedDataParallel)
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self._averages_gradients:
+            return super().manual_backward(loss, *args, **kwargs)
+        # DDP's reducer averages gradients during a backward pass and needs every rank to run the same passes
+        # over the same parameters. An RL step does not: a rank may have nothing to learn from, a critic trains
+        # alone during its warm-up, policy and critic take different micro-batches. So every pass runs without
+        # the reducer, and sync_gradients averages each module once per optimizer step.
+        with self.trainer.strategy.model.no_sync():
+            return super().manual_backward(loss, *args, **kwargs)
+
+    def sync_gradients(self, module: torch.nn.Module) -> None:
+        """Make ``module``'s gradients the mean over the ranks, before clipping and the optimizer step.
+
+        Under DDP (replicated weights) retool averages them itself (see :meth:`on_fit_start`); on one process
+        there is nothing to do.
+        """
+        if self._averages_gradients:
+            distributed.average_gradients(module.parameters())
+
+    def token_normalizer(self, local_tokens: torch.Tensor | float) -> torch.Tensor:
+        """What a loss summed over this rank's tokens is divided by, so that the gradient averaged over the
+        ranks is the per-token mean over every rank's tokens: a run on N processes takes the step a run on one
+        takes over the same global batch. The tokens of all ranks, over N (at least 1)."""
+        total = distributed.sum_across({"tokens": float(local_tokens)})["tokens"]
+        return torch.tensor(max(total, 1.0) / distributed.world_size(), dtype=torch.float32)
 
     # ---- optimization ---------------------------------------------------------------------------------------
 

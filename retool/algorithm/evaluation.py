@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from retool.metrics import rollout_metrics
+from retool import distributed
+from retool.metrics import TrajectoryStats, summarize
 from retool.types import EvalRecord, Problem, RewardOutput
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class Evaluation:
         scores = self.reward(greedy.trajectories, problems)
         correct = correct_answers(scores)
         self._eval["correct"] += correct
-        self._eval["trajectories"] += greedy.trajectories
+        self._eval["trajectories"] += [TrajectoryStats.of(t) for t in greedy.trajectories]
         for problem, trajectory, reward, ok in zip(problems, greedy.trajectories, scores.rewards, correct):
             self._eval["samples"].append(
                 {
@@ -77,10 +78,17 @@ class Evaluation:
             self._eval["sampled"] += [flags[i * k : (i + 1) * k] for i in range(len(problems))]
 
     def on_validation_epoch_end(self) -> None:
-        correct = self._eval.get("correct", []) if getattr(self, "_eval", None) else []
+        local = getattr(self, "_eval", None) or {"correct": [], "sampled": [], "trajectories": [], "samples": []}
+        # Each rank evaluated a contiguous share of the problems: gathered in rank order, they are in the
+        # problems' order, and every rank computes the numbers one process would.
+        gathered = {
+            key: distributed.gather(local.get(key, [])) for key in ("correct", "sampled", "trajectories", "samples")
+        }
+        self._eval = gathered
+        correct = gathered["correct"]
         if not correct:
             return
-        paper = rollout_metrics(self._eval["trajectories"])
+        paper = summarize(self._eval["trajectories"])
         metrics: dict[str, float] = {
             "eval/accuracy": mean([float(c) for c in correct]),
             "eval/problems": float(len(correct)),
@@ -99,7 +107,10 @@ class Evaluation:
             metrics[f"eval/avg@{k}"] = mean([float(sum(r)) / k for r in rows])
             metrics[f"eval/pass@{k}"] = mean([float(any(r)) for r in rows])
             metrics["eval/k"] = float(k)
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(correct))
+        # Every rank holds the same gathered numbers: syncing averages equal values (and tells Lightning so).
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, batch_size=len(correct), sync_dist=distributed.world_size() > 1
+        )
         self.last_evaluation = EvalRecord(step=int(self.global_step), metrics=metrics, samples=self._eval["samples"])
         self._eval = {}
 

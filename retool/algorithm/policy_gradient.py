@@ -7,6 +7,7 @@ mini-batch updates step the optimizer through the strategy without advancing Lig
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -14,10 +15,11 @@ from typing import Any
 
 import torch
 
+from retool import distributed
 from retool.algorithm.base import Algorithm
 from retool.algorithm.batch import PolicyBatch
 from retool.algorithm.evaluation import mean
-from retool.metrics import rollout_metrics
+from retool.metrics import TrajectoryStats, summarize
 from retool.types import Problem, RewardOutput, Trajectory
 
 
@@ -33,7 +35,8 @@ class PolicyGradient(Algorithm, ABC):
     Args:
         group_size: Trajectories rolled out per problem.
         epochs: Passes over each rollout batch.
-        mini_batch_size: Trajectories per optimizer step (default: the whole rollout batch, one step per epoch).
+        mini_batch_size: Trajectories per optimizer step, over all processes (default: the whole rollout batch,
+            one step per epoch).
         log_samples: Trajectories per step written to the run's ``trajectories.jsonl``.
         clip_low: Lower clip range of the probability ratio: it is kept above ``1 - clip_low``.
         clip_high: Upper clip range: the ratio is kept below ``1 + clip_high`` (DAPO's clip-higher when larger).
@@ -150,13 +153,25 @@ class PolicyGradient(Algorithm, ABC):
         return self.entropy_coef != 0
 
     def advantage_stats(self, batch: PolicyBatch) -> dict[str, float]:
-        """Numbers about the step's advantages (and, in a subclass, returns and values), logged each step."""
+        """Numbers about the step's advantages (and, in a subclass, returns and values), logged each step.
+
+        Over every rank's model-written tokens: build them from :meth:`moments_across`.
+        """
         assert batch.advantages is not None
-        mask = batch.response_mask > 0
-        values = batch.advantages[mask]
-        if not values.numel():
+        (advantages,) = self.moments_across(batch, {"advantage": batch.advantages})
+        if not advantages.count:
             return {}
-        return {"train/advantage_mean": float(values.mean()), "train/advantage_std": float(values.std(unbiased=False))}
+        return {"train/advantage_mean": advantages.mean, "train/advantage_std": math.sqrt(advantages.var)}
+
+    def moments_across(self, batch: PolicyBatch, tensors: dict[str, torch.Tensor]) -> list[distributed.Moments]:
+        """Count, sum and sum of squares of each (N, R) tensor over the model-written tokens of every rank's
+        batch (one collective for all of them), in the order given."""
+        mask = batch.response_mask > 0
+        local: dict[str, float] = {}
+        for name, tensor in tensors.items():
+            local.update(distributed.Moments.of(tensor[mask]).as_dict(name))
+        total = distributed.sum_across(local)
+        return [distributed.Moments.from_dict(total, name) for name in tensors]
 
     def backward_other_modules(self, batch: PolicyBatch, token_count: torch.Tensor) -> dict[str, float]:
         """Backward passes of the modules other than the policy on one mini-batch (PPO's critic, in micro-batches
@@ -196,8 +211,15 @@ class PolicyGradient(Algorithm, ABC):
         if self.rollout is None or self.reward is None:
             raise RuntimeError(f"{type(self).__name__} needs a rollout and a reward section in the recipe")
         step_start = time.perf_counter()
+        # Sessions, and the sampler's per-trajectory seeds, are named by the step and the problem's place in the
+        # global batch (ranks take equal, contiguous shares), not by the rank: a run on several processes samples
+        # what one process would. ("r0" is what the name was when it held the rank; kept, so seeds stay as they were.)
         rollout = self.rollout.rollout(
-            problems, self.group_size, self.executor, session_prefix=f"r{self.global_rank}s{self.global_step}"
+            problems,
+            self.group_size,
+            self.executor,
+            session_prefix=f"r0s{self.global_step}",
+            first_index=self.global_rank * len(problems),
         )
         expanded = [p for p in problems for _ in range(self.group_size)]
         scores = self.reward(rollout.trajectories, expanded)
@@ -209,19 +231,28 @@ class PolicyGradient(Algorithm, ABC):
             assert self.model is not None
             self.rollout.load_weights(self.model.state_dict())
         sync_s = time.perf_counter() - sync_start
+        # Every rank's trajectories count: small per-trajectory records are gathered, never the token ids.
+        rewards = distributed.gather(scores.rewards)
+        components = {k: distributed.gather(v) for k, v in sorted(scores.components.items())}
+        times = distributed.max_across(  # the step waits for its slowest rank
+            {
+                "time/generate_s": rollout.generate_s,
+                "time/tool_wait_s": rollout.tool_wait_s,
+                "time/update_s": update_s,
+                "time/weight_sync_s": sync_s,
+                "time/step_s": time.perf_counter() - step_start,
+            }
+        )
+        tokens = distributed.sum_across({"tokens": float(rollout.generated_tokens)})["tokens"]
         metrics = {
-            **rollout_metrics(rollout.trajectories),
-            **{f"reward/{k}": mean(v) for k, v in scores.components.items()},
-            "reward/mean": mean(scores.rewards),
-            "reward/std": float(torch.tensor(scores.rewards).std()) if len(scores.rewards) > 1 else 0.0,
+            **summarize(distributed.gather([TrajectoryStats.of(t) for t in rollout.trajectories])),
+            **{f"reward/{k}": mean(v) for k, v in components.items()},
+            "reward/mean": mean(rewards),
+            "reward/std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
             **stats,
-            "time/generate_s": rollout.generate_s,
-            "time/tool_wait_s": rollout.tool_wait_s,
-            "time/update_s": update_s,
-            "time/weight_sync_s": sync_s,
-            "time/step_s": time.perf_counter() - step_start,
+            **times,
             "perf/generate_tokens_per_s": (
-                rollout.generated_tokens / rollout.generate_s if rollout.generate_s > 1e-6 else float("nan")
+                tokens / times["time/generate_s"] if times["time/generate_s"] > 1e-6 else float("nan")
             ),
         }
         samples = self._samples(rollout.trajectories, expanded, scores)
@@ -230,12 +261,17 @@ class PolicyGradient(Algorithm, ABC):
     # ---- the update ---------------------------------------------------------------------------------------
 
     def update(self, trajectories: Sequence[Trajectory], scores: RewardOutput) -> dict[str, float]:
-        """Epochs of clipped updates over mini-batches of the rollout batch; returns the step's statistics."""
+        """Epochs of clipped updates over mini-batches of the rollout batch; returns the step's statistics.
+
+        With several processes each rank updates on its own trajectories; the decision to skip, the token
+        count every loss is divided by, the gradients and the statistics are the same on every rank, and are
+        those one process would have over all the trajectories.
+        """
         assert self.model is not None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         batch = PolicyBatch.from_trajectories(trajectories, scores.rewards, pad)
         n = batch.size
-        mini = min(self.mini_batch_size or n, n)
+        mini = min(self.mini_batch_size_per_rank(n), n)
         on_policy = self.epochs == 1 and mini == n
         self.model.eval()  # the estimates are of the policy as it sampled, without dropout
         self.estimate(batch, on_policy)
@@ -243,10 +279,11 @@ class PolicyGradient(Algorithm, ABC):
         estimates = self.advantage_stats(batch)
         optimizers = self.optimizer_list()
         modules = self.trainable_modules()
-        if not self.has_signal(batch):
-            # Every advantage is zero (e.g. all answers wrong): the gradient would be zero. Skip the passes and
-            # step with no gradients (AdamW leaves a parameter without .grad untouched, so momentum cannot
-            # move the weights), which still counts the RL step.
+        if not distributed.any_rank(self.has_signal(batch)):
+            # Every advantage is zero (e.g. all answers wrong) on every rank: the gradient would be zero. Skip
+            # the passes and step with no gradients (AdamW leaves a parameter without .grad untouched, so
+            # momentum cannot move the weights), which still counts the RL step. A rank with nothing to learn
+            # while another has signal runs its passes (zero gradients), so that every rank steps alike.
             for i, optimizer in enumerate(optimizers):
                 optimizer.zero_grad(set_to_none=True)
                 self.step_optimizer(optimizer, last=i == len(optimizers) - 1)
@@ -263,7 +300,8 @@ class PolicyGradient(Algorithm, ABC):
             if start == 0:
                 order = torch.randperm(n, generator=self._shuffle) if n > mini else torch.arange(n)
             index = order[start : start + mini]
-            token_count = batch.response_mask[index].sum().clamp(min=1.0)
+            local_tokens = batch.response_mask[index].sum()
+            token_count = self.token_normalizer(local_tokens)
             for micro in index.split(self.micro_batch_size):
                 part = batch.select(micro)
                 with torch.set_grad_enabled(trains_policy):
@@ -280,13 +318,19 @@ class PolicyGradient(Algorithm, ABC):
                     sums[name] = sums.get(name, 0.0) + float(value)
             for name, value in self.backward_other_modules(batch.select(index), token_count).items():
                 sums[name] = sums.get(name, 0.0) + float(value)
-            tokens_seen += float(token_count)
+            tokens_seen += float(local_tokens)
             for i, (name, module) in enumerate(modules.items()):
+                self.sync_gradients(module)
                 norms[name].append(self.clip_grad_norm(module))
                 last = k == len(updates) - 1 and i == len(modules) - 1
                 self.step_optimizer(optimizers[i], last=last)
                 optimizers[i].zero_grad(set_to_none=True)
-        stats = {**estimates, **{name: value / max(tokens_seen, 1.0) for name, value in sums.items()}}
+        if batch.sampler_logprobs is not None and batch.old_logprobs is not None:  # measured against the recomputed
+            diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask  # old log-probs
+            sums["train/sampler_logprob_diff"] = float(diff.sum()) * self.epochs  # tokens_seen counts each epoch
+        totals = distributed.sum_across({**sums, "tokens": tokens_seen})
+        tokens = max(totals.pop("tokens"), 1.0)
+        stats = {**estimates, **{name: value / tokens for name, value in totals.items()}}
         for name, values in norms.items():
             key = "train/grad_norm" if name == "policy" else f"train/{name}_grad_norm"
             stats[key] = sum(values) / len(values)
@@ -294,10 +338,20 @@ class PolicyGradient(Algorithm, ABC):
         stats["train/lr"] = float(optimizers[0].param_groups[0]["lr"])
         stats["train/skipped"] = 0.0
         stats["train/policy_updated"] = float(trains_policy)
-        if batch.sampler_logprobs is not None and batch.old_logprobs is not None:  # measured against the recomputed
-            diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask  # old log-probs
-            stats["train/sampler_logprob_diff"] = float(diff.sum() / batch.response_mask.sum().clamp(min=1))
         return stats
+
+    def mini_batch_size_per_rank(self, local_size: int) -> int:
+        """Trajectories per optimizer step on this rank: ``mini_batch_size`` (over all ranks) shared among them,
+        or the whole of this rank's batch."""
+        if self.mini_batch_size is None:
+            return local_size
+        world = distributed.world_size()
+        if self.mini_batch_size % world:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) counts trajectories over all {world} processes and must "
+                "be a multiple of their number"
+            )
+        return self.mini_batch_size // world
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: torch.nn.Module, batch: PolicyBatch) -> torch.Tensor:
@@ -312,19 +366,26 @@ class PolicyGradient(Algorithm, ABC):
     def _samples(
         self, trajectories: Sequence[Trajectory], problems: Sequence[Problem], scores: RewardOutput
     ) -> list[dict[str, Any]]:
-        picked = list(range(0, len(trajectories), self.group_size))[: self.log_samples]
-        picked += [i for i in range(len(trajectories)) if i not in picked][: self.log_samples - len(picked)]
-        return [
-            {
-                "step": int(self.global_step),
-                "problem_id": trajectories[i].problem_id,
-                "group": trajectories[i].group,
-                "prompt": problems[i].prompt,
-                "answer": problems[i].answer,
-                "response": trajectories[i].response_text,
-                "reward": scores.rewards[i],
-                "finish_reason": trajectories[i].finish_reason,
-                "tool_calls": len(trajectories[i].tool_calls),
-            }
-            for i in sorted(picked)
+        """``log_samples`` rows for ``trajectories.jsonl``: the first trajectory of each group first, in the order
+        of the global batch (every rank offers its own best candidates; all ranks pick the same rows)."""
+        offset = self.global_rank * len(trajectories)
+        ranked = sorted(range(len(trajectories)), key=lambda i: (i % self.group_size != 0, i))[: self.log_samples]
+        candidates = [
+            (
+                (i % self.group_size != 0, offset + i),
+                {
+                    "step": int(self.global_step),
+                    "problem_id": trajectories[i].problem_id,
+                    "group": trajectories[i].group,
+                    "prompt": problems[i].prompt,
+                    "answer": problems[i].answer,
+                    "response": trajectories[i].response_text,
+                    "reward": scores.rewards[i],
+                    "finish_reason": trajectories[i].finish_reason,
+                    "tool_calls": len(trajectories[i].tool_calls),
+                },
+            )
+            for i in ranked
         ]
+        picked = sorted(distributed.gather(candidates), key=lambda c: c[0])[: self.log_samples]
+        return [row for _, row in sorted(picked, key=lambda c: c[0][1])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 import warnings
@@ -134,13 +135,33 @@ def setup_run(parsed: ParsedRecipe, found: Sequence[PluginInfo], command: str) -
     return _build_trainer(init, run_dir, evaluates, command)
 
 
+RUN_DIR_VARIABLE = "RETOOL_RUN_DIR"
+"""Where the launching process tells the processes it starts (``trainer.devices`` > 1) which run directory the
+run writes to: the default name holds the time, which the processes would each read differently."""
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is the run's first (global rank 0), from the variables launchers set: Lightning's
+    own (``LOCAL_RANK``, ``NODE_RANK``), torchrun's (``RANK``) and SLURM's (``SLURM_PROCID``)."""
+    return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def _make_run_dir(parsed: ParsedRecipe, found: Sequence[PluginInfo], command: str) -> Path:
-    """The run directory, with the resolved recipe, the package versions and the seed written into it."""
+    """The run directory, with the resolved recipe, the package versions and the seed written into it.
+
+    Only the first process writes; the others take the directory it chose when it started them.
+    """
     import lightning as L
 
     cfg = parsed.config
     default_name = parsed.path.stem if command == "fit" else f"validate-{parsed.path.stem}"
-    run_dir = Path(cfg.run_dir or Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    first = launched_as_rank_zero()
+    chosen = cfg.run_dir or (None if first else os.environ.get(RUN_DIR_VARIABLE))
+    run_dir = Path(chosen or Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    L.seed_everything(cfg.seed_everything, workers=True, verbose=False)
+    if not first:
+        return run_dir
+    os.environ[RUN_DIR_VARIABLE] = str(run_dir.resolve())  # read by the processes trainer.fit starts
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = cfg.clone()
     for key in ("print_config", "recipe"):
@@ -150,7 +171,6 @@ def _make_run_dir(parsed: ParsedRecipe, found: Sequence[PluginInfo], command: st
     (run_dir / "recipe.yaml").write_text(parsed.parser.dump(saved), encoding="utf-8")
     (run_dir / "versions.json").write_text(json.dumps(_versions(found), indent=2) + "\n", encoding="utf-8")
     (run_dir / "seed.txt").write_text(f"{cfg.seed_everything}\n", encoding="utf-8")
-    L.seed_everything(cfg.seed_everything, workers=True, verbose=False)
     return run_dir
 
 
@@ -162,7 +182,7 @@ def _build_trainer(init: Any, run_dir: Path, evaluates: bool, command: str) -> R
 
     from retool.callbacks import RunArtifacts, StepTable
 
-    console = Console()
+    console = Console(quiet=not launched_as_rank_zero())  # one process speaks for the run
     trainer_kwargs = dict(init.trainer)
     callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
     table = StepTable(console)
@@ -185,14 +205,44 @@ def _build_trainer(init: Any, run_dir: Path, evaluates: bool, command: str) -> R
     trainer_kwargs["enable_progress_bar"] = True
     trainer_kwargs["enable_model_summary"] = False
     trainer_kwargs["num_sanity_val_steps"] = 0  # evaluation rolls out whole problems: never as a "sanity check"
+    # The data module gives each process its share of every global batch itself (retool.data.RankBatches):
+    # Lightning's DistributedSampler would shard differently, and pad the held-out problems with repeats.
+    trainer_kwargs["use_distributed_sampler"] = False
     every = init.algorithm.eval_every
     if evaluates and every > 0:  # evaluate every N steps, counted across epochs
         trainer_kwargs["val_check_interval"] = every
         trainer_kwargs["check_val_every_n_epoch"] = None
     elif command == "fit":
         trainer_kwargs["limit_val_batches"] = 0  # evaluation runs only where the CLI asks (start, end)
-    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
+    try:
+        trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
+    except Exception as exc:  # a strategy this machine cannot run, devices it does not have: before any weights load
+        raise ConfigError(f"invalid trainer section: {strategy_advice(root_cause(exc), trainer_kwargs)}") from None
+    _check_launcher(trainer)
     return RunSetup(init.algorithm, init.data, trainer, run_dir, table, artifacts, evaluates, console)
+
+
+def strategy_advice(message: str, trainer_kwargs: dict[str, Any]) -> str:
+    """Lightning's refusal of a strategy, with what to use instead on this machine."""
+    strategy = str(trainer_kwargs.get("strategy", "auto"))
+    if strategy.startswith(("fsdp", "deepspeed")) and ("GPU" in message or "CUDA" in message):
+        return (
+            f"{message.rstrip('.')}. On CPU, use strategy: ddp (several processes, gloo); the sharded strategies "
+            "need GPUs (see the docs page 'Many GPUs')"
+        )
+    return message
+
+
+def _check_launcher(trainer: Any) -> None:
+    """Refuse the strategies that start their processes by spawning (``ddp_spawn``, ``ddp_notebook``): the
+    processes would train, but the run's files, summary and export would stay in the ones that end with them."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        raise ConfigError(
+            "invalid trainer section: retool runs its processes as scripts; use strategy: ddp instead of "
+            f"{type(trainer.strategy).__name__} with the {trainer.strategy.launcher._start_method!r} start method"
+        )
 
 
 def _fit(run: RunSetup, parsed: ParsedRecipe) -> int:

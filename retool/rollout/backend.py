@@ -187,8 +187,14 @@ class RolloutBackend(ABC):
         group_size: int,
         executor: Executor | None,
         session_prefix: str = "",
+        first_index: int = 0,
     ) -> RolloutResult:
-        """Roll out ``group_size`` trajectories for each problem (synchronous; runs on the background loop)."""
+        """Roll out ``group_size`` trajectories for each problem (synchronous; runs on the background loop).
+
+        Trajectory ``g`` of ``problems[i]`` runs in the session (and request) ``{session_prefix}-{first_index +
+        i}-{g}``; a backend derives its sampling seed from that name, so the same prefix and index sample the same
+        trajectory whichever process rolls it out.
+        """
         from retool.rollout.loop import rollout_groups
 
         if self.model is None or self.tokenizer is None:
@@ -198,7 +204,7 @@ class RolloutBackend(ABC):
         busy_before = self._busy_s
         start = time.perf_counter()
         trajectories = self._run_loop(
-            rollout_groups(self, problems, group_size, executor if self.tools else None, session_prefix)
+            rollout_groups(self, problems, group_size, executor if self.tools else None, session_prefix, first_index)
         )
         wall = time.perf_counter() - start
         busy = self._busy_s - busy_before

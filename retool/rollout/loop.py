@@ -167,12 +167,13 @@ async def rollout_groups(
     group_size: int,
     executor: Executor | None,
     session_prefix: str = "",
+    first_index: int = 0,
 ) -> list[Trajectory]:
     """Run ``group_size`` trajectories per problem concurrently; each gets its own executor session."""
     run_id = session_prefix or uuid.uuid4().hex[:8]
     tasks = [
         asyncio.ensure_future(run_trajectory(backend, executor, problem, g, f"{run_id}-{i}-{g}"))
-        for i, problem in enumerate(problems)
+        for i, problem in enumerate(problems, start=first_index)
         for g in range(group_size)
     ]
     try:

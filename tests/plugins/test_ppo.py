@@ -93,10 +93,12 @@ def test_value_clipping_bounds_the_step_from_the_old_value() -> None:
     new, old, target = T([[1.0]]), T([[0.0]]), T([[1.0]])
     loss, clipped = value_loss(new, old, target, T([[1.0]]), clip=0.2)
     assert float(loss) == pytest.approx(0.5 * 0.8**2) and float(clipped) == 1  # the clipped error is the larger
-    assert explained_variance(T([[1.0, 2.0, 3.0]]), T([[1.0, 2.0, 3.0]]), T([[1, 1, 1]])) == 1.0
+    assert explained_variance(0.0, 2 / 3) == 1.0 and explained_variance(2 / 3, 2 / 3) == 0.0
     # Every answer wrong: returns of -1 (up to float rounding) and values near it. No variance to explain.
     returns = torch.full((2, 3), -1.0) + T([[0.0, 1e-7, 0.0], [0.0, 0.0, -1e-7]])
-    assert math.isnan(explained_variance(torch.full((2, 3), -0.9), returns, torch.ones(2, 3)))
+    errors = returns - torch.full((2, 3), -0.9)
+    assert math.isnan(explained_variance(float(errors.var(unbiased=False)), float(returns.var(unbiased=False))))
+    assert math.isnan(explained_variance(math.nan, math.nan))  # no model-written token at all
 
 
 def test_rloo_baseline_leaves_each_trajectory_out() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from retool import distributed
 from retool.algorithm import Algorithm, PolicyBatch
 from retool.rollout.loop import trace_trajectory
 from retool.types import Trace
@@ -89,10 +90,12 @@ class SFT(Algorithm):
         optimizer = self.optimizers()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         loss_sum, tokens = 0.0, 0.0
-        grad_norm = 0.0
         if usable:
             batch = PolicyBatch.from_trajectories(usable, [0.0] * len(usable), pad)
-            token_count = batch.response_mask.sum().clamp(min=1.0)
+            tokens = float(batch.response_mask.sum())
+        # The loss is the mean over every rank's tokens, so N processes take the step one process would.
+        token_count = self.token_normalizer(tokens)
+        if usable:
             self.model.train()
             for micro in torch.arange(batch.size).split(self.micro_batch_size):
                 part = batch.select(micro)
@@ -100,22 +103,32 @@ class SFT(Algorithm):
                 nll = -(logprobs * part.response_mask.to(logprobs.device)).sum()
                 self.manual_backward(nll / token_count.to(nll.device))
                 loss_sum += float(nll.detach())
-            tokens = float(token_count)
-            grad_norm = self.clip_grad_norm()
+        self.sync_gradients(self.model)
+        grad_norm = self.clip_grad_norm()
         optimizer.step()  # no gradients (nothing usable) leaves the weights as they were, and still counts the step
         optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()  # type: ignore[union-attr]
-        elapsed = time.perf_counter() - start
+        elapsed = distributed.max_across({"time": time.perf_counter() - start})["time"]
+        totals = distributed.sum_across(
+            {
+                "loss": loss_sum,
+                "tokens": tokens,
+                "traces": float(len(rendered)),
+                "truncated": float(sum(t.finish_reason == "length" for t in rendered)),
+                "skipped": float(len(rendered) - len(usable)),
+                "all_tokens": float(sum(len(t.token_ids) for t in usable)),
+            }
+        )
         metrics = {
-            "train/loss": loss_sum / tokens if tokens else float("nan"),
-            "train/tokens": tokens,
+            "train/loss": totals["loss"] / totals["tokens"] if totals["tokens"] else float("nan"),
+            "train/tokens": totals["tokens"],
             "train/grad_norm": grad_norm,
             "train/lr": float(optimizer.param_groups[0]["lr"]),
-            "train/truncated": sum(t.finish_reason == "length" for t in rendered) / len(rendered),
-            "train/skipped": float(len(rendered) - len(usable)),
+            "train/truncated": totals["truncated"] / totals["traces"],
+            "train/skipped": totals["skipped"],
             "time/step_s": elapsed,
-            "perf/train_tokens_per_s": sum(len(t.token_ids) for t in usable) / elapsed if elapsed > 0 else 0.0,
+            "perf/train_tokens_per_s": totals["all_tokens"] / elapsed if elapsed > 0 else 0.0,
         }
         self.record_step(metrics, batch_size=len(traces))

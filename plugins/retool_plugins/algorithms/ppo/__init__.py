@@ -6,11 +6,13 @@ The parts: this file (the plugin: options, the critic's place in the RL step, me
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from retool import distributed
 from retool.algorithm import PolicyBatch, PolicyGradient
 from retool.tables import STEP_COLUMNS
 from retool_plugins.algorithms.ppo._critic import ValueModel
@@ -160,21 +162,33 @@ class PPO(PolicyGradient):
             rewards = rewards - self.kl_coef * (batch.old_logprobs - batch.ref_logprobs) * mask
         advantages, batch.returns = masked_gae(rewards, batch.values, mask, self.gamma, self.lam)
         batch.extra["raw_advantages"] = advantages
-        return masked_whiten(advantages, mask) if self.normalize_advantages else advantages
+        if not self.normalize_advantages:
+            return advantages
+        if distributed.world_size() == 1:
+            return masked_whiten(advantages, mask)
+        (moments,) = self.moments_across(batch, {"advantage": advantages})  # over every rank's tokens
+        return masked_whiten(advantages, mask, mean=moments.mean, std=math.sqrt(moments.var))
 
     def advantage_stats(self, batch: PolicyBatch) -> dict[str, float]:
         assert batch.values is not None and batch.returns is not None
-        mask = batch.response_mask > 0
-        raw, returns, values = batch.extra["raw_advantages"][mask], batch.returns[mask], batch.values[mask]
-        if not raw.numel():
+        raw, returns, values, errors = self.moments_across(
+            batch,
+            {
+                "advantage": batch.extra["raw_advantages"],
+                "return": batch.returns,
+                "value": batch.values,
+                "error": batch.returns - batch.values,
+            },
+        )
+        if not raw.count:
             return {}
         return {
-            "train/advantage_mean": float(raw.mean()),
-            "train/advantage_std": float(raw.std(unbiased=False)),
-            "train/return_mean": float(returns.mean()),
-            "train/return_std": float(returns.std(unbiased=False)),
-            "train/value_mean": float(values.mean()),
-            "train/explained_variance": explained_variance(batch.values, batch.returns, batch.response_mask),
+            "train/advantage_mean": raw.mean,
+            "train/advantage_std": math.sqrt(raw.var),
+            "train/return_mean": returns.mean,
+            "train/return_std": math.sqrt(returns.var),
+            "train/value_mean": values.mean,
+            "train/explained_variance": explained_variance(errors.var, returns.var),
         }
 
     def backward_other_modules(self, batch: PolicyBatch, token_count: torch.Tensor) -> dict[str, float]:

@@ -54,13 +54,20 @@ def masked_gae(
     return advantages, returns
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``x`` minus its mean over the masked entries, over their std; 0 where unmasked."""
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, mean: float | None = None, std: float | None = None
+) -> torch.Tensor:
+    """``x`` minus its mean over the masked entries, over their std; 0 where unmasked.
+
+    ``mean`` and ``std`` replace the ones of ``x`` (those of every rank's tokens, with several processes).
+    """
     mask = mask > 0
     values = x[mask]
-    if values.numel() < 2:
-        return torch.where(mask, x - (values.mean() if values.numel() else 0.0), torch.zeros_like(x))
-    whitened = (x - values.mean()) / (values.std(unbiased=False) + eps)
+    if mean is None or std is None:
+        if values.numel() < 2:
+            return torch.where(mask, x - (values.mean() if values.numel() else 0.0), torch.zeros_like(x))
+        mean, std = float(values.mean()), float(values.std(unbiased=False))
+    whitened = (x - mean) / (std + eps)
     return torch.where(mask, whitened, torch.zeros_like(x))
 
 
@@ -86,12 +93,11 @@ def value_loss(
     return (per_token * mask).sum(), (bound.detach() * mask).sum()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """``1 - Var(R - V) / Var(R)`` over masked tokens: 1 when the critic predicts the returns, 0 when it
-    predicts no better than their mean, negative when worse; NaN when the returns (almost) do not vary."""
-    mask = mask > 0
-    r, v = returns[mask].double(), values[mask].double()
+def explained_variance(error_var: float, return_var: float) -> float:
+    """``1 - Var(R - V) / Var(R)`` from the two variances over the model-written tokens: 1 when the critic
+    predicts the returns, 0 when it predicts no better than their mean, negative when worse; NaN when the
+    returns (almost) do not vary."""
     # Returns that barely vary (a batch whose answers all scored alike) leave the ratio meaningless, not huge.
-    if r.numel() < 2 or float(r.var(unbiased=False)) < 1e-8:
+    if not return_var >= 1e-8:  # also NaN: no tokens
         return float("nan")
-    return float(1 - (r - v).var(unbiased=False) / r.var(unbiased=False))
+    return 1.0 - error_var / return_var

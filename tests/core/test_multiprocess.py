@@ -1,0 +1,183 @@
+"""Several processes train as one: 2-process DDP runs (CPU, gloo) against 1-process runs over the same global batch.
+
+Each run is a real ``retool fit`` in its own process tree (Lightning starts the second process by running the
+same command again), on a tiny random model, with the test plugins of ``tests/helpers/ddp_plugins.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
+
+# Same sampled trajectories, rewards and decisions on both sides; the weights differ only by float rounding
+# (gradients summed in another order, then Adam's division by their running scale): measured up to 1.1e-5 after
+# three steps at lr 1e-3, where the weights moved by up to 3e-3.
+WEIGHT_TOLERANCE = 1e-4
+
+
+def recipe(tmp_path: Path, model: Path, algorithm: str, extra: str = "") -> Path:
+    path = tmp_path / f"{algorithm.lower()}.yaml"
+    path.write_text(
+        f"""seed_everything: 0
+trainer: {{max_steps: 3, accelerator: cpu, devices: 1, enable_checkpointing: false}}
+policy: {{name_or_path: {model}}}
+algorithm:
+  class_path: {algorithm}
+  init_args: {{lr: 1.0e-3, micro_batch_size: 3, eval_every: 3, eval_batch_size: 4{extra}}}
+rollout: {{class_path: HFRollout, init_args: {{max_new_tokens: 12, tools: false, temperature: 1.0}}}}
+reward: {{class_path: HalfSilentReward}}
+data: {{class_path: CountedProblems, init_args: {{batch_size: 4, shuffle: false}}}}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def fit(recipe_path: Path, run_dir: Path | None, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RETOOL_PLUGINS": "ddp_plugins", "PYTHONPATH": os.pathsep.join([str(HELPERS), *sys.path])}
+    env.pop("RETOOL_RUN_DIR", None)
+    command = [sys.executable, "-m", "retool.cli", "fit", "--recipe", str(recipe_path), *extra]
+    if run_dir is not None:
+        command += ["--run_dir", str(run_dir)]
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one: Path, two: Path, keys: tuple[str, ...], evaluations: int = 1) -> None:
+    a, b = steps(one), steps(two)
+    assert [s["step"] for s in a] == [s["step"] for s in b] == [1, 2, 3]  # written once per step, by one process
+    for first, second in zip(a, b):
+        for key in keys:
+            assert first[key] == pytest.approx(second[key], rel=1e-5, abs=1e-6), (first["step"], key)
+    start = load_file(one.parent / "model" / "model.safetensors") if (one.parent / "model").is_dir() else None
+    wa, wb = load_file(one / "policy" / "model.safetensors"), load_file(two / "policy" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_TOLERANCE
+    if start is not None:  # and the update was not nothing: the weights moved far more than they differ
+        assert max(float((wa[k] - start[k]).abs().max()) for k in wa) > 10 * WEIGHT_TOLERANCE
+    ea = [json.loads(line) for line in (one / "evaluation.jsonl").read_text().splitlines()]
+    eb = [json.loads(line) for line in (two / "evaluation.jsonl").read_text().splitlines()]
+    assert len(ea) == len(eb) == evaluations  # all 4 held-out problems each time, shared by the ranks
+    for row_a, row_b in zip(ea, eb):
+        assert row_a.keys() == row_b.keys() and row_a["eval/problems"] == 4
+        for key, value in row_a.items():
+            assert value == pytest.approx(row_b[key], nan_ok=True), key
+
+
+@pytest.fixture()
+def model(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    target.symlink_to(tiny_model_dir)
+    return target
+
+
+TWO = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
+
+
+def test_grpo_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Path) -> None:
+    # HalfSilentReward leaves the second process's whole share without signal at every step: it must not hang,
+    # and the update must still be the one a single process computes over the whole batch.
+    path = recipe(tmp_path, model, "GRPO")
+    fit(path, tmp_path / "one")
+    fit(path, tmp_path / "two", *TWO)
+    assert all(s["train/skipped"] == 0 for s in steps(tmp_path / "one"))  # the first share had signal every step
+    keys = ("reward/mean", "reward/std", "response/model_tokens", "train/policy_loss", "train/grad_norm",
+            "train/entropy", "train/advantage_std", "train/sampler_logprob_diff")  # fmt: skip
+    assert_same_run(tmp_path / "one", tmp_path / "two", keys)
+    one = (tmp_path / "one" / "trajectories.jsonl").read_text()
+    assert one == (tmp_path / "two" / "trajectories.jsonl").read_text()  # the same samples, picked the same way
+
+
+def test_ppo_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Path) -> None:
+    # Two modules with their own micro-batches, and a warm-up step in which only the critic trains.
+    path = recipe(tmp_path, model, "PPO", ", group_size: 2, critic_lr: 1.0e-3, critic_warmup: 1")
+    fit(path, tmp_path / "one")
+    fit(path, tmp_path / "two", *TWO)
+    assert [s["train/policy_updated"] for s in steps(tmp_path / "one")] == [0, 1, 1]
+    keys = ("reward/mean", "train/value_loss", "train/explained_variance", "train/critic_grad_norm",
+            "train/advantage_std", "train/return_mean", "train/policy_loss", "train/grad_norm")  # fmt: skip
+    assert_same_run(tmp_path / "one", tmp_path / "two", keys)
+    ca, cb = (
+        load_file(tmp_path / "one" / "critic" / "value_head.safetensors"),
+        load_file(tmp_path / "two" / "critic" / "value_head.safetensors"),
+    )
+    assert max(float((ca[k] - cb[k]).abs().max()) for k in ca) < WEIGHT_TOLERANCE
+
+
+def test_sft_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Path) -> None:
+    # As the quickstart's stage 1: an evaluation before training (its own trainer.validate) and one after.
+    path = recipe(tmp_path, model, "SFT", ", max_length: 512, eval_at_start: true")
+    fit(path, tmp_path / "one")
+    fit(path, tmp_path / "two", *TWO)
+    assert all(s["train/tokens"] > 0 and s["train/skipped"] == 0 for s in steps(tmp_path / "one"))
+    assert_same_run(
+        tmp_path / "one", tmp_path / "two", ("train/loss", "train/tokens", "train/grad_norm"), evaluations=2
+    )
+
+
+def test_one_run_directory_written_once(model: Path, tmp_path: Path) -> None:
+    # No --run_dir: the name holds the start time, which each process would read for itself.
+    path = recipe(tmp_path, model, "GRPO")
+    done = fit(path, None, *TWO, "--trainer.max_steps", "1", "--algorithm.init_args.eval_every", "0", cwd=tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len(steps(run_dir)) == 1 and (run_dir / "policy" / "config.json").is_file()
+    written = {"csv", "metrics.jsonl", "policy", "recipe.yaml", "seed.txt", "tensorboard", "trajectories.jsonl"}
+    assert {p.name for p in run_dir.iterdir()} == written | {"versions.json"}
+    assert done.stdout.count("run directory:") == 1  # one process speaks for the run
+
+
+def test_a_strategy_this_run_cannot_use_fails_before_the_model_loads(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from retool.cli import main
+
+    text = recipe(tmp_path, model, "GRPO").read_text().replace("HalfSilentReward", "MathAnswerReward")
+    (tmp_path / "r.yaml").write_text(
+        text.replace("CountedProblems", "ArithmeticProblems").replace(", shuffle: false", "")
+    )
+    base = ["fit", "--recipe", str(tmp_path / "r.yaml"), "--run_dir", str(tmp_path / "x"), "--trainer.devices", "2"]
+    # Spawned processes would keep the run's files and summary to themselves.
+    assert main([*base, "--trainer.strategy", "ddp_spawn"]) == 2
+    assert "use strategy: ddp" in capsys.readouterr().err
+    # Lightning's FSDP needs GPUs; the message says what runs here.
+    assert main([*base, "--trainer.strategy", "fsdp"]) == 2
+    err = capsys.readouterr().err
+    assert "requires a GPU" in err and "On CPU, use strategy: ddp" in err
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_each_rank_takes_an_equal_contiguous_share_of_every_global_batch() -> None:
+    from retool.data import RankBatches
+
+    order = list(range(10))
+    shares = [list(RankBatches(order, 4, drop_last=True, world=2, rank=r)) for r in (0, 1)]  # type: ignore[arg-type]
+    assert shares == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    assert list(RankBatches(order, 4, drop_last=True)) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # type: ignore[arg-type]
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused() -> None:
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(HELPERS))
+    from ddp_plugins import CountedProblems
+
+    data = CountedProblems(batch_size=3)
+    data.trainer = SimpleNamespace(world_size=2, global_rank=0, lightning_module=None)  # type: ignore[assignment]
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size \(3\) is the whole step's batch and must be a multiple of the number of processes \(2\)",
+    ):
+        data.train_dataloader()
