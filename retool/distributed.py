@@ -39,21 +39,20 @@ def _device() -> torch.device:
 
 def sum_across(values: dict[str, float]) -> dict[str, float]:
     """Each value summed over the ranks (the keys must be the same on every rank, in any order)."""
-    if world_size() == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, tensor.cpu().tolist()))
+    return _reduce(values, "sum")
 
 
 def max_across(values: dict[str, float]) -> dict[str, float]:
     """Each value's maximum over the ranks (e.g. a time: the step waits for its slowest rank)."""
+    return _reduce(values, "max")
+
+
+def _reduce(values: dict[str, float], op: str) -> dict[str, float]:
     if world_size() == 1 or not values:
         return dict(values)
     keys = sorted(values)
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return dict(zip(keys, tensor.cpu().tolist()))
 
 
