@@ -143,7 +143,7 @@ class ProblemDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         size = getattr(module, "eval_batch_size", None) or self.batch_size
         world, rank = self._world()
-        if len(problems) < world:
+        if 0 < len(problems) < world:
             raise ValueError(
                 f"{len(problems)} val problems cannot be shared among {world} processes (one each at least)"
             )
