@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from retool.types import Problem, Trace
 
@@ -29,29 +29,17 @@ class RankBatches(Sampler[list[int]]):
     """
 
     def __init__(self, order: Sampler[int], batch_size: int, drop_last: bool, world: int = 1, rank: int = 0) -> None:
-        self.order = order
-        self.batch_size = batch_size
-        self.drop_last = drop_last
+        self.batches = BatchSampler(order, batch_size, drop_last)
         self.world = world
         self.rank = rank
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        batch: list[int] = []
-        for index in self.order:
-            batch.append(index)
-            if len(batch) == self.batch_size:
-                yield self._share(batch)
-                batch = []
-        if batch and not self.drop_last:
-            yield self._share(batch)
-
-    def _share(self, batch: list[int]) -> list[int]:
-        size = -(-len(batch) // self.world)  # a last, short batch is shared as evenly as it can be
-        return batch[self.rank * size : (self.rank + 1) * size]
+        for batch in self.batches:
+            size = -(-len(batch) // self.world)  # a last, short batch is shared as evenly as it can be
+            yield batch[self.rank * size : (self.rank + 1) * size]
 
     def __len__(self) -> int:
-        n = len(self.order)  # type: ignore[arg-type]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.batches)
 
 
 class ProblemDataModule(L.LightningDataModule):

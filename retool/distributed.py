@@ -25,11 +25,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def rank() -> int:
-    """This process's global rank (0 when ``torch.distributed`` is not initialized)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _device() -> torch.device:
     # NCCL reduces CUDA tensors only; gloo (CPU) reduces CPU tensors.
     if dist.get_backend() == "nccl":
@@ -74,7 +69,7 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], bucket_bytes: in
     """Replace each gradient by its mean over the ranks.
 
     For data parallelism where every rank holds the whole module (DDP): retool runs DDP's backward passes
-    without its reducer (see :meth:`retool.algorithm.Algorithm.on_fit_start`) and averages here, once per
+    without its reducer (see :meth:`retool.algorithm.Algorithm.manual_backward`) and averages here, once per
     optimizer step, in flat buckets of about ``bucket_bytes``. A parameter that has a gradient on some rank
     but not on this one (its passes were skipped) counts as zeros here; one that has none on any rank keeps
     none, so the optimizer leaves it alone as it would on one process.

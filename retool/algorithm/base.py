@@ -184,7 +184,7 @@ class Algorithm(Evaluation, L.LightningModule):
     def sync_gradients(self, module: torch.nn.Module) -> None:
         """Make ``module``'s gradients the mean over the ranks, before clipping and the optimizer step.
 
-        Under DDP (replicated weights) retool averages them itself (see :meth:`on_fit_start`); on one process
+        Under DDP (replicated weights) retool averages them itself (see :meth:`manual_backward`); on one process
         there is nothing to do.
         """
         if self._averages_gradients:

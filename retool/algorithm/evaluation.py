@@ -38,7 +38,7 @@ class Evaluation:
     _eval: dict[str, list[Any]]
 
     def on_validation_epoch_start(self) -> None:
-        self._eval = {"correct": [], "sampled": [], "trajectories": [], "samples": []}
+        self._eval = {"correct": [], "sampled": [], "stats": [], "samples": []}
 
     def validation_step(self, problems: list[Problem], batch_idx: int) -> None:
         """Roll out held-out problems once greedily (and ``eval_samples`` times by sampling) and score them.
@@ -56,7 +56,7 @@ class Evaluation:
         scores = self.reward(greedy.trajectories, problems)
         correct = correct_answers(scores)
         self._eval["correct"] += correct
-        self._eval["trajectories"] += [TrajectoryStats.of(t) for t in greedy.trajectories]
+        self._eval["stats"] += [TrajectoryStats.of(t) for t in greedy.trajectories]
         for problem, trajectory, reward, ok in zip(problems, greedy.trajectories, scores.rewards, correct):
             self._eval["samples"].append(
                 {
@@ -78,17 +78,15 @@ class Evaluation:
             self._eval["sampled"] += [flags[i * k : (i + 1) * k] for i in range(len(problems))]
 
     def on_validation_epoch_end(self) -> None:
-        local = getattr(self, "_eval", None) or {"correct": [], "sampled": [], "trajectories": [], "samples": []}
+        local = getattr(self, "_eval", None) or {}
         # Each rank evaluated a contiguous share of the problems: gathered in rank order, they are in the
         # problems' order, and every rank computes the numbers one process would.
-        gathered = {
-            key: distributed.gather(local.get(key, [])) for key in ("correct", "sampled", "trajectories", "samples")
-        }
+        gathered = {key: distributed.gather(local.get(key, [])) for key in ("correct", "sampled", "stats", "samples")}
         self._eval = gathered
         correct = gathered["correct"]
         if not correct:
             return
-        paper = summarize(self._eval["trajectories"])
+        paper = summarize(gathered["stats"])
         metrics: dict[str, float] = {
             "eval/accuracy": mean([float(c) for c in correct]),
             "eval/problems": float(len(correct)),

@@ -231,9 +231,15 @@ class PolicyGradient(Algorithm, ABC):
             assert self.model is not None
             self.rollout.load_weights(self.model.state_dict())
         sync_s = time.perf_counter() - sync_start
-        # Every rank's trajectories count: small per-trajectory records are gathered, never the token ids.
-        rewards = distributed.gather(scores.rewards)
-        components = {k: distributed.gather(v) for k, v in sorted(scores.components.items())}
+        # Every rank's trajectories count: one gather of small per-trajectory records (never the token ids).
+        names = list(scores.components)
+        records = distributed.gather(
+            list(zip([TrajectoryStats.of(t) for t in rollout.trajectories], scores.rewards,
+                     *(scores.components[name] for name in names)))
+        )  # fmt: skip
+        trajectory_stats = [r[0] for r in records]
+        rewards = [r[1] for r in records]
+        components = {name: [r[2 + i] for r in records] for i, name in enumerate(names)}
         times = distributed.max_across(  # the step waits for its slowest rank
             {
                 "time/generate_s": rollout.generate_s,
@@ -245,7 +251,7 @@ class PolicyGradient(Algorithm, ABC):
         )
         tokens = distributed.sum_across({"tokens": float(rollout.generated_tokens)})["tokens"]
         metrics = {
-            **summarize(distributed.gather([TrajectoryStats.of(t) for t in rollout.trajectories])),
+            **summarize(trajectory_stats),
             **{f"reward/{k}": mean(v) for k, v in components.items()},
             "reward/mean": mean(rewards),
             "reward/std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,

@@ -228,7 +228,7 @@ def strategy_advice(message: str, trainer_kwargs: dict[str, Any]) -> str:
     if strategy.startswith(("fsdp", "deepspeed")) and ("GPU" in message or "CUDA" in message):
         return (
             f"{message.rstrip('.')}. On CPU, use strategy: ddp (several processes, gloo); the sharded strategies "
-            "need GPUs (see the docs page 'Many GPUs')"
+            "need GPUs (see the docs page 'Many processes')"
         )
     return message
 

@@ -164,7 +164,7 @@ class PPO(PolicyGradient):
         batch.extra["raw_advantages"] = advantages
         if not self.normalize_advantages:
             return advantages
-        if distributed.world_size() == 1:
+        if distributed.world_size() == 1:  # torch's own mean and std: one process whitens as it always has
             return masked_whiten(advantages, mask)
         (moments,) = self.moments_across(batch, {"advantage": advantages})  # over every rank's tokens
         return masked_whiten(advantages, mask, mean=moments.mean, std=math.sqrt(moments.var))
