@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.progress import ProgressBar
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -175,12 +175,21 @@ class RunArtifacts(Callback):
             for sample in record.samples:
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank exports (a sharded policy is gathered from all of them); rank 0 writes.
         if getattr(pl_module, "model", None) is not None and not trainer.interrupted:
-            self.exported = pl_module.export(self.run_dir / "policy")  # type: ignore[operator]
+            exported = pl_module.export(self.run_dir / "policy")  # type: ignore[operator]
+            self.exported = exported if trainer.is_global_zero else None
 
-    @rank_zero_only
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if getattr(pl_module, "model", None) is not None and trainer.global_step > 0:
+        if getattr(pl_module, "model", None) is None or trainer.global_step == 0:
+            return
+        if getattr(pl_module, "shards_parameters", False):
+            # Gathering the shards needs every rank, and after a failure some may be gone or stuck elsewhere.
+            rank_zero_warn(
+                "the policy is sharded among the processes and cannot be gathered after a failure; "
+                "no policy-interrupted/ is written (resume from a checkpoint instead)"
+            )
+            return
+        if trainer.is_global_zero:
             self.exported = pl_module.export(self.run_dir / "policy-interrupted")  # type: ignore[operator]

@@ -139,7 +139,14 @@ class ProblemDataModule(L.LightningDataModule):
         share = -(-len(problems) // world)
         mine = problems[rank * share : (rank + 1) * share]
         per_rank = max(1, -(-size // world))
+        self._val_layout = (rank * share, per_rank)
         return DataLoader(mine, batch_size=per_rank, shuffle=False, collate_fn=_as_list)  # type: ignore[arg-type]
+
+    def val_position(self, batch_idx: int) -> int:
+        """Where this rank's validation batch ``batch_idx`` starts among all the ``val`` problems: evaluation
+        names (and seeds) its sessions by it, so that several processes sample what one would."""
+        start, per_rank = getattr(self, "_val_layout", (0, self.batch_size))
+        return start + batch_idx * per_rank
 
     def _world(self) -> tuple[int, int]:
         """(processes, this one's global rank) of the trainer this module is attached to."""

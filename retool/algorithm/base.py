@@ -10,6 +10,7 @@ Hugging Face format. What one training step does is the subclass's: an RL step
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from retool.executor import Executor
 from retool.policy import Policy
 from retool.reward import Reward
 from retool.rollout.backend import RolloutBackend
+from retool.strategies import unwrapped_class, whole_norm
 from retool.tables import STEP_COLUMNS
 from retool.types import EvalRecord, StepRecord
 
@@ -143,6 +145,15 @@ class Algorithm(Evaluation, L.LightningModule):
         self.on_policy_loaded()
         if self.rollout is not None:
             self.rollout.bind(self.model, self.tokenizer)
+        shard = self._strategy_hook("shard_module")
+        if shard is not None:  # FSDP2, ZeRO-3: each process keeps a share of every module's parameters
+            for module in self.sharded_modules():
+                shard(module)
+
+    def sharded_modules(self) -> list[torch.nn.Module]:
+        """The modules a sharding strategy splits among the processes: the trainable ones, and whatever frozen
+        module a subclass scores with (a reference model). Each is sharded in :meth:`configure_model`."""
+        return list(self.trainable_modules().values())
 
     def on_policy_loaded(self) -> None:  # optional hook
         """Called once the policy is loaded, before the rollout backend is bound to it (e.g. to copy it)."""
@@ -180,6 +191,41 @@ class Algorithm(Evaluation, L.LightningModule):
         # the reducer, and sync_gradients averages each module once per optimizer step.
         with self.trainer.strategy.model.no_sync():
             return super().manual_backward(loss, *args, **kwargs)
+
+    def _strategy_hook(self, name: str) -> Any:
+        """The running strategy's ``name`` (see :mod:`retool.strategies`), or ``None`` when it has none (one
+        process, DDP) or the module runs without a trainer."""
+        trainer = self._trainer
+        return getattr(trainer.strategy, name, None) if trainer is not None else None
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether each process holds only a share of the parameters (FSDP2, ZeRO-3): every forward and
+        backward pass is then a collective, which every rank must run as many times as the others."""
+        return self._strategy_hook("shard_module") is not None and distributed.world_size() > 1
+
+    def full_weights(self, module: torch.nn.Module | None = None) -> contextlib.AbstractContextManager[Any]:
+        """A context in which ``module`` (default: the policy) holds its whole parameters, so a rollout can
+        decode with it, each rank for as many steps as its own trajectories need. Every rank must enter it
+        together; with a strategy that does not shard, it does nothing."""
+        module = module if module is not None else self.model
+        hook = self._strategy_hook("full_weights")
+        return hook(module) if hook is not None else contextlib.nullcontext(module)
+
+    def full_state_dict(self, module: torch.nn.Module | None = None, rank_zero_only: bool = False) -> dict[str, Any]:
+        """``module``'s (default: the policy's) state dict with every tensor whole (gathered from the shards
+        under a sharding strategy; every rank must call it then). With ``rank_zero_only`` the other ranks may
+        get an empty dict."""
+        module = module if module is not None else self.model
+        assert module is not None
+        hook = self._strategy_hook("full_state_dict")
+        return hook(module, rank_zero_only=rank_zero_only) if hook is not None else module.state_dict()
+
+    def gradient_sync(self, module: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+        """A context for one backward pass of ``module``: under a sharding strategy, gradients are reduced
+        among the processes only if ``enabled`` (the optimizer step's last micro-batch of that module)."""
+        hook = self._strategy_hook("gradient_sync")
+        return hook(module, enabled) if hook is not None else contextlib.nullcontext()
 
     def sync_gradients(self, module: torch.nn.Module) -> None:
         """Make ``module``'s gradients the mean over the ranks, before clipping and the optimizer step.
@@ -240,7 +286,8 @@ class Algorithm(Evaluation, L.LightningModule):
         if not params:
             return 0.0
         limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+        # Sharded gradients (FSDP2) are DTensors: the norm is then over every shard, and the same on every rank.
+        return whole_norm(torch.nn.utils.clip_grad_norm_(params, limit))
 
     def step_optimizer(self, optimizer: Any, last: bool = True) -> None:
         """Step ``optimizer``; only the ``last`` step of a training step advances ``trainer.global_step``.
@@ -308,7 +355,12 @@ class Algorithm(Evaluation, L.LightningModule):
         """Save the policy in Hugging Face format (loadable with ``AutoModelForCausalLM.from_pretrained``)."""
         assert self.model is not None
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        state = self.full_state_dict(rank_zero_only=True)  # gathers the shards: every rank calls export
+        if self.global_rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
+            if self.shards_parameters:  # a sharded module's class is a wrapper's: record the model's own
+                self.model.config.architectures = [unwrapped_class(self.model).__name__]
+                self.model.config.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
         return path

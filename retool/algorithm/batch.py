@@ -58,6 +58,17 @@ class PolicyBatch:
         return PolicyBatch(**rows, extra={k: v[index] for k, v in self.extra.items()})
 
     @staticmethod
+    def placeholder(pad_id: int) -> PolicyBatch:
+        """One row of two pad tokens with nothing to learn from (an empty loss mask): a pass that keeps a rank
+        in step with the others when the model is sharded and it has run out of rows of its own."""
+        return PolicyBatch(
+            input_ids=torch.full((1, 2), pad_id, dtype=torch.long),
+            attention_mask=torch.ones((1, 2), dtype=torch.long),
+            response_mask=torch.zeros((1, 1), dtype=torch.float32),
+            rewards=torch.zeros(1),
+        )
+
+    @staticmethod
     def from_trajectories(trajectories: Sequence[Trajectory], rewards: Sequence[float], pad_id: int) -> PolicyBatch:
         n = len(trajectories)
         prompt_w = max(t.prompt_len for t in trajectories)

@@ -6,6 +6,7 @@ and SFT runs are measured the same way.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,8 @@ class Evaluation:
     """Lightning's validation hooks: roll out the ``val`` problems, score them, log ``eval/*`` metrics.
 
     The host class provides ``rollout``, ``reward``, ``executor``, ``eval_samples`` and LightningModule's
-    ``global_step``, ``global_rank`` and ``log_dict``; the result of the last evaluation is kept in
+    ``global_step``, ``global_rank`` and ``log_dict``, and ``full_weights`` (see
+    :meth:`~retool.algorithm.Algorithm.full_weights`); the result of the last evaluation is kept in
     ``last_evaluation`` for the console and the run directory.
     """
 
@@ -35,10 +37,14 @@ class Evaluation:
     global_step: int
     global_rank: int
     log_dict: Any
+    full_weights: Any
     _eval: dict[str, list[Any]]
 
     def on_validation_epoch_start(self) -> None:
         self._eval = {"correct": [], "sampled": [], "stats": [], "samples": []}
+        # A sharded policy is gathered once for the whole evaluation: ranks may hold different numbers of batches.
+        self._decoding = contextlib.ExitStack()
+        self._decoding.enter_context(self.full_weights())
 
     def validation_step(self, problems: list[Problem], batch_idx: int) -> None:
         """Roll out held-out problems once greedily (and ``eval_samples`` times by sampling) and score them.
@@ -50,9 +56,12 @@ class Evaluation:
             raise RuntimeError(f"evaluation needs a rollout and a reward section in the recipe ({type(self).__name__})")
         if not getattr(self, "_eval", None):
             self.on_validation_epoch_start()
-        prefix = f"e{self.global_rank}s{self.global_step}b{batch_idx}"
+        # Sessions (and sampling seeds) are named by the problem's place among all the val problems, not by the
+        # rank or the batch: several processes sample what one would.
+        prefix = f"e0s{self.global_step}"
+        first = self._val_position(batch_idx, len(problems))
         with self.rollout.sampling(0.0):
-            greedy = self.rollout.rollout(problems, 1, self.executor, session_prefix=f"{prefix}g")
+            greedy = self.rollout.rollout(problems, 1, self.executor, session_prefix=f"{prefix}g", first_index=first)
         scores = self.reward(greedy.trajectories, problems)
         correct = correct_answers(scores)
         self._eval["correct"] += correct
@@ -73,11 +82,20 @@ class Evaluation:
             )
         k = self.eval_samples
         if k:
-            sampled = self.rollout.rollout(problems, k, self.executor, session_prefix=f"{prefix}k")
+            sampled = self.rollout.rollout(problems, k, self.executor, session_prefix=f"{prefix}k", first_index=first)
             flags = correct_answers(self.reward(sampled.trajectories, [p for p in problems for _ in range(k)]))
             self._eval["sampled"] += [flags[i * k : (i + 1) * k] for i in range(len(problems))]
 
+    def _val_position(self, batch_idx: int, size: int) -> int:
+        trainer = getattr(self, "_trainer", None)
+        position = getattr(getattr(trainer, "datamodule", None), "val_position", None)
+        return int(position(batch_idx)) if position is not None else batch_idx * size
+
     def on_validation_epoch_end(self) -> None:
+        decoding = getattr(self, "_decoding", None)
+        if decoding is not None:
+            decoding.close()
+            self._decoding = None
         local = getattr(self, "_eval", None) or {}
         # Each rank evaluated a contiguous share of the problems: gathered in rank order, they are in the
         # problems' order, and every rank computes the numbers one process would.

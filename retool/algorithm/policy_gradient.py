@@ -200,6 +200,9 @@ class PolicyGradient(Algorithm, ABC):
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------
 
+    def sharded_modules(self) -> list[torch.nn.Module]:
+        return super().sharded_modules() + ([self.ref_model] if self.ref_model is not None else [])
+
     def on_policy_loaded(self) -> None:
         if self.needs_reference():
             import copy
@@ -214,13 +217,14 @@ class PolicyGradient(Algorithm, ABC):
         # Sessions, and the sampler's per-trajectory seeds, are named by the step and the problem's place in the
         # global batch (ranks take equal, contiguous shares), not by the rank: a run on several processes samples
         # what one process would. ("r0" is what the name was when it held the rank; kept, so seeds stay as they were.)
-        rollout = self.rollout.rollout(
-            problems,
-            self.group_size,
-            self.executor,
-            session_prefix=f"r0s{self.global_step}",
-            first_index=self.global_rank * len(problems),
-        )
+        with self.full_weights():  # a sharded policy decodes whole (nothing to do on one process or DDP)
+            rollout = self.rollout.rollout(
+                problems,
+                self.group_size,
+                self.executor,
+                session_prefix=f"r0s{self.global_step}",
+                first_index=self.global_rank * len(problems),
+            )
         expanded = [p for p in problems for _ in range(self.group_size)]
         scores = self.reward(rollout.trajectories, expanded)
         update_start = time.perf_counter()
@@ -229,7 +233,7 @@ class PolicyGradient(Algorithm, ABC):
         sync_start = time.perf_counter()
         if self.rollout.needs_weight_sync and not stats["train/skipped"]:  # a skipped update left them as they were
             assert self.model is not None
-            self.rollout.load_weights(self.model.state_dict())
+            self.rollout.load_weights(self.full_state_dict())
         sync_s = time.perf_counter() - sync_start
         # Every rank's trajectories count: one gather of small per-trajectory records (never the token ids).
         names = list(scores.components)
@@ -308,7 +312,8 @@ class PolicyGradient(Algorithm, ABC):
             index = order[start : start + mini]
             local_tokens = batch.response_mask[index].sum()
             token_count = self.token_normalizer(local_tokens)
-            for micro in index.split(self.micro_batch_size):
+            micros = index.split(self.micro_batch_size)
+            for m, micro in enumerate(micros):
                 part = batch.select(micro)
                 with torch.set_grad_enabled(trains_policy):
                     logprobs, entropy = self.sequence_logprobs(
@@ -319,7 +324,8 @@ class PolicyGradient(Algorithm, ABC):
                     sums["train/sampler_logprob_diff"] = sums.get("train/sampler_logprob_diff", 0.0) + float(gap.sum())
                 loss, stats = self.loss(part, logprobs, entropy, token_count)
                 if loss.requires_grad:
-                    self.manual_backward(loss)
+                    with self.gradient_sync(self.model, enabled=m == len(micros) - 1):
+                        self.manual_backward(loss)
                 for name, value in stats.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
             for name, value in self.backward_other_modules(batch.select(index), token_count).items():

@@ -67,6 +67,24 @@ def build_parser(prog: str = "retool fit", description: str = "Train a policy wi
     return parser
 
 
+def trainer_help(prog: str) -> str:
+    """The trainer section's options (Lightning ``Trainer`` arguments), then the strategies retool runs."""
+    from retool.strategies import STRATEGIES
+
+    parser = build_parser(prog)
+    text = parser.format_help()
+    start = text.index(parser.groups["trainer"].title)
+    end = text.find(parser.groups["policy"].title, start)
+    options = text[start : end if end > 0 else None].rstrip()
+    width = max(len(name) for name in STRATEGIES)
+    choices = "\n".join(f"  {name:<{width}}  {what}" for name, what in STRATEGIES.items())
+    return (
+        f"trainer: Lightning's Trainer arguments\n\n{options}\n\n"
+        f"trainer.strategy: the strategies retool's steps run (with trainer.devices and trainer.num_nodes; on CPU "
+        f"too):\n{choices}\n"
+    )
+
+
 def parse_recipe(args: Sequence[str], found: Sequence[PluginInfo], prog: str) -> ParsedRecipe:
     """Read, check and parse ``--recipe PATH`` and the overrides in ``args``.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from retool import plugins as plugin_registry
 from retool.cli._common import ConfigError, print_error, root_cause, wants_help
-from retool.cli.recipe import ParsedRecipe, build_parser, parse_recipe
+from retool.cli.recipe import ParsedRecipe, build_parser, parse_recipe, trainer_help
 from retool.plugins import PluginInfo
 
 
@@ -51,6 +51,9 @@ def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
     if wants_help(args):
         build_parser("retool fit").print_help()
         return 0
+    if "--trainer.help" in args:
+        print(trainer_help("retool fit"))
+        return 0
     if any(arg.endswith(".help") for arg in args):  # --algorithm.help GRPO: a plugin's options, no recipe needed
         try:
             build_parser("retool fit").parse_args(args)
@@ -72,6 +75,9 @@ def cmd_validate(args: list[str], blocked: Sequence[str]) -> int:
     found = plugin_registry.discover(blocked)
     if wants_help(args):
         build_parser("retool validate", "Evaluate a policy on a recipe's held-out problems.").print_help()
+        return 0
+    if "--trainer.help" in args:
+        print(trainer_help("retool validate"))
         return 0
     try:
         parsed = parse_recipe(args, found, "retool validate")
@@ -218,7 +224,7 @@ def _build_trainer(init: Any, run_dir: Path, evaluates: bool, command: str) -> R
         trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
     except Exception as exc:  # a strategy this machine cannot run, devices it does not have: before any weights load
         raise ConfigError(f"invalid trainer section: {strategy_advice(root_cause(exc), trainer_kwargs)}") from None
-    _check_launcher(trainer)
+    _check_strategy(trainer)
     return RunSetup(init.algorithm, init.data, trainer, run_dir, table, artifacts, evaluates, console)
 
 
@@ -226,19 +232,30 @@ def strategy_advice(message: str, trainer_kwargs: dict[str, Any]) -> str:
     """Lightning's refusal of a strategy, with what to use instead on this machine."""
     strategy = str(trainer_kwargs.get("strategy", "auto"))
     if strategy.startswith(("fsdp", "deepspeed")) and ("GPU" in message or "CUDA" in message):
-        return (
-            f"{message.rstrip('.')}. On CPU, use strategy: ddp (several processes, gloo); the sharded strategies "
-            "need GPUs (see the docs page 'Many processes')"
-        )
+        return f"{message.rstrip('.')}. {SHARDED_ADVICE}"
     return message
 
 
-def _check_launcher(trainer: Any) -> None:
-    """Refuse the strategies that start their processes by spawning (``ddp_spawn``, ``ddp_notebook``): the
-    processes would train, but the run's files, summary and export would stay in the ones that end with them."""
+SHARDED_ADVICE = (
+    "retool's strategies are ddp (every process holds the model) and fsdp2 (FSDP2: parameters, gradients and "
+    "optimizer state sharded); both run on CPU too, and DeepSpeed ZeRO is not wired in yet (see the docs page "
+    "'Many processes')"
+)
+
+
+def _check_strategy(trainer: Any) -> None:
+    """Refuse the strategies retool's step cannot run: those that start their processes by spawning
+    (``ddp_spawn``, ``ddp_notebook``: the processes would train, but the run's files, summary and export would
+    stay in the ones that end with them), and Lightning's sharded ones that wrap the model in a way the
+    rollout, clipping and export do not know (FSDP1's ``fsdp``; ``deepspeed_*`` other than retool's)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
-    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+    strategy = trainer.strategy
+    sharded = isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
+    if sharded and not hasattr(strategy, "shard_module"):
+        raise ConfigError(f"invalid trainer section: {type(strategy).__name__} is not one of {SHARDED_ADVICE}")
+    if isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher):
         raise ConfigError(
             "invalid trainer section: retool runs its processes as scripts; use strategy: ddp instead of "
             f"{type(trainer.strategy).__name__} with the {trainer.strategy.launcher._start_method!r} start method"

@@ -250,7 +250,9 @@ def test_ctrl_c_exports_the_policy_and_exits_130(tmp_path: Path, tiny_model_dir:
     recipe = {**TINY_RECIPE, "trainer": {**TINY_RECIPE["trainer"], "max_steps": 10_000}}
     cmd = [sys.executable, "-m", "retool.cli", "fit", "--recipe", str(_write(tmp_path, recipe)),
            "--policy.name_or_path", str(tiny_model_dir), "--run_dir", str(run_dir)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # As from a terminal: a pytest started in the background of a script passes SIGINT on as ignored.
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=restore)
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "metrics.jsonl").is_file():  # wait for a finished step

@@ -56,12 +56,12 @@ def steps(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(one: Path, two: Path, keys: tuple[str, ...], evaluations: int = 1) -> None:
+def assert_same_run(one: Path, two: Path, keys: tuple[str, ...], evaluations: int = 1, rel: float = 1e-5) -> None:
     a, b = steps(one), steps(two)
     assert [s["step"] for s in a] == [s["step"] for s in b] == [1, 2, 3]  # written once per step, by one process
     for first, second in zip(a, b):
         for key in keys:
-            assert first[key] == pytest.approx(second[key], rel=1e-5, abs=1e-6), (first["step"], key)
+            assert first[key] == pytest.approx(second[key], rel=rel, abs=1e-6), (first["step"], key)
     start = load_file(one.parent / "model" / "model.safetensors") if (one.parent / "model").is_dir() else None
     wa, wb = load_file(one / "policy" / "model.safetensors"), load_file(two / "policy" / "model.safetensors")
     assert wa.keys() == wb.keys()
@@ -85,12 +85,13 @@ def model(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
 
 TWO = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
+FSDP2 = ("--trainer.devices", "2", "--trainer.strategy", "fsdp2")
 
 
 def test_grpo_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Path) -> None:
     # HalfSilentReward leaves the second process's whole share without signal at every step: it must not hang,
     # and the update must still be the one a single process computes over the whole batch.
-    path = recipe(tmp_path, model, "GRPO")
+    path = recipe(tmp_path, model, "GRPO", ", eval_samples: 2")  # the sampled evaluation samples alike too
     fit(path, tmp_path / "one")
     fit(path, tmp_path / "two", *TWO)
     assert all(s["train/skipped"] == 0 for s in steps(tmp_path / "one"))  # the first share had signal every step
@@ -99,22 +100,24 @@ def test_grpo_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Pat
     assert_same_run(tmp_path / "one", tmp_path / "two", keys)
     one = (tmp_path / "one" / "trajectories.jsonl").read_text()
     assert one == (tmp_path / "two" / "trajectories.jsonl").read_text()  # the same samples, picked the same way
+    assert "eval/avg@2" in (tmp_path / "two" / "evaluation.jsonl").read_text()  # compared with the rest above
 
 
-def test_ppo_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Path) -> None:
+def test_ppo_on_two_processes_with_ddp_or_fsdp2_takes_the_steps_of_one(model: Path, tmp_path: Path) -> None:
     # Two modules with their own micro-batches, and a warm-up step in which only the critic trains.
+    # And the same with FSDP2: both modules sharded, the critic's export gathered.
     path = recipe(tmp_path, model, "PPO", ", group_size: 2, critic_lr: 1.0e-3, critic_warmup: 1")
     fit(path, tmp_path / "one")
-    fit(path, tmp_path / "two", *TWO)
     assert [s["train/policy_updated"] for s in steps(tmp_path / "one")] == [0, 1, 1]
     keys = ("reward/mean", "train/value_loss", "train/explained_variance", "train/critic_grad_norm",
             "train/advantage_std", "train/return_mean", "train/policy_loss", "train/grad_norm")  # fmt: skip
-    assert_same_run(tmp_path / "one", tmp_path / "two", keys)
-    ca, cb = (
-        load_file(tmp_path / "one" / "critic" / "value_head.safetensors"),
-        load_file(tmp_path / "two" / "critic" / "value_head.safetensors"),
-    )
-    assert max(float((ca[k] - cb[k]).abs().max()) for k in ca) < WEIGHT_TOLERANCE
+    for name, strategy in (("ddp", TWO), ("fsdp2", FSDP2)):
+        fit(path, tmp_path / name, *strategy)
+        assert_same_run(tmp_path / "one", tmp_path / name, keys)
+        for file in ("value_head.safetensors", "model.safetensors"):
+            ca, cb = load_file(tmp_path / "one" / "critic" / file), load_file(tmp_path / name / "critic" / file)
+            assert ca.keys() == cb.keys()
+            assert max(float((ca[k] - cb[k]).abs().max()) for k in ca) < WEIGHT_TOLERANCE, (name, file)
 
 
 def test_sft_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Path) -> None:
@@ -125,6 +128,32 @@ def test_sft_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Path
     assert all(s["train/tokens"] > 0 and s["train/skipped"] == 0 for s in steps(tmp_path / "one"))
     assert_same_run(
         tmp_path / "one", tmp_path / "two", ("train/loss", "train/tokens", "train/grad_norm"), evaluations=2
+    )
+
+
+def test_grpo_with_fsdp2_takes_the_steps_of_one_process(model: Path, tmp_path: Path) -> None:
+    # Sharded parameters: every rank decodes with the gathered policy for as many steps as its own trajectories
+    # need, the second rank's passes teach nothing yet run in step, and the export gathers the shards.
+    path = recipe(tmp_path, model, "GRPO", ", kl_coef: 0.01")  # a sharded reference model too
+    fit(path, tmp_path / "one")
+    fit(path, tmp_path / "two", *FSDP2)
+    keys = ("reward/mean", "reward/std", "response/model_tokens", "train/policy_loss", "train/grad_norm",
+            "train/entropy", "train/kl", "train/sampler_logprob_diff")  # fmt: skip
+    assert_same_run(tmp_path / "one", tmp_path / "two", keys)
+    config = json.loads((tmp_path / "two" / "policy" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]  # not the sharding wrapper's class
+
+
+def test_sft_with_fsdp2_takes_the_steps_of_one_process(model: Path, tmp_path: Path) -> None:
+    path = recipe(tmp_path, model, "SFT", ", max_length: 512, eval_at_start: true")
+    fit(path, tmp_path / "one")
+    fit(path, tmp_path / "two", *FSDP2)
+    # At the first step the losses are bitwise equal (and DDP's gradient norm is too), but FSDP2's gradient norm
+    # differs from one process's by 9e-6 relative (measured 2026-12-05; with or without the evaluation before,
+    # with micro-batches of 1 or 3). Not pinned down: the same backward on the same rows on both ranks agrees
+    # with an unsharded model to 6e-8. The exported weights agree to 1.2e-6, far inside WEIGHT_TOLERANCE.
+    assert_same_run(
+        tmp_path / "one", tmp_path / "two", ("train/loss", "train/tokens", "train/grad_norm"), evaluations=2, rel=1e-4
     )
 
 
@@ -152,11 +181,21 @@ def test_a_strategy_this_run_cannot_use_fails_before_the_model_loads(
     # Spawned processes would keep the run's files and summary to themselves.
     assert main([*base, "--trainer.strategy", "ddp_spawn"]) == 2
     assert "use strategy: ddp" in capsys.readouterr().err
-    # Lightning's FSDP needs GPUs; the message says what runs here.
+    # Lightning's FSDP (FSDP1) needs GPUs and retool does not drive it; the message names what runs here.
     assert main([*base, "--trainer.strategy", "fsdp"]) == 2
     err = capsys.readouterr().err
-    assert "requires a GPU" in err and "On CPU, use strategy: ddp" in err
+    assert "requires a GPU" in err and "fsdp2 (FSDP2" in err and "both run on CPU too" in err
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_trainer_help_lists_the_trainer_options_and_the_strategies(capsys: pytest.CaptureFixture[str]) -> None:
+    from retool.cli import main
+
+    assert main(["fit", "--trainer.help"]) == 0
+    out = capsys.readouterr().out
+    assert "--trainer.devices" in out and "--trainer.strategy" in out
+    assert "--policy." not in out and "--algorithm" not in out  # the trainer section only
+    assert "\n  ddp " in out and "\n  fsdp2 " in out
 
 
 def test_each_rank_takes_an_equal_contiguous_share_of_every_global_batch() -> None:

@@ -317,6 +317,17 @@ def test_small_cpu_machines_decode_on_every_core() -> None:
         VLLMRollout(cpu_reserved_cores=-1)
 
 
+def test_each_process_starts_its_engine_on_its_own_gpu() -> None:
+    from retool_plugins.rollout.vllm import gpu_engine_env
+
+    key = "CUDA_VISIBLE_DEVICES"
+    assert gpu_engine_env(3, tensor_parallel=1, environ={}) == {key: "3"}
+    assert gpu_engine_env(1, tensor_parallel=1, environ={key: "4,5,6"}) == {key: "5"}  # an index among the visible
+    assert gpu_engine_env(0, tensor_parallel=1, environ={key: "GPU-8a1f, GPU-77c2"}) == {key: "GPU-8a1f"}
+    assert gpu_engine_env(None, tensor_parallel=1, environ={}) == {}  # CPU
+    assert gpu_engine_env(0, tensor_parallel=2, environ={}) == {}  # an engine over several GPUs: the user's to place
+
+
 class _AlternatingReward(Reward):
     """+1, -1, +1, ...: every group has a learning signal, so every step moves the weights."""
 

@@ -95,13 +95,19 @@ class SFT(Algorithm):
             tokens = float(batch.response_mask.sum())
         # The loss is the mean over every rank's tokens, so N processes take the step one process would.
         token_count = self.token_normalizer(tokens)
-        if usable:
+        parts = [batch.select(m) for m in torch.arange(batch.size).split(self.micro_batch_size)] if usable else []
+        if self.shards_parameters:
+            # Every pass over a sharded model is a collective: a rank with fewer usable traces runs passes that
+            # teach nothing (no model-written token) until it has run as many as the rank with the most.
+            most = int(distributed.max_across({"passes": float(len(parts))})["passes"])
+            parts += [PolicyBatch.placeholder(pad)] * (most - len(parts))
+        if parts:
             self.model.train()
-            for micro in torch.arange(batch.size).split(self.micro_batch_size):
-                part = batch.select(micro)
+            for k, part in enumerate(parts):
                 logprobs, _ = self.sequence_logprobs(self.model, part, temperature=1.0)
                 nll = -(logprobs * part.response_mask.to(logprobs.device)).sum()
-                self.manual_backward(nll / token_count.to(nll.device))
+                with self.gradient_sync(self.model, enabled=k == len(parts) - 1):
+                    self.manual_backward(nll / token_count.to(nll.device))
                 loss_sum += float(nll.detach())
         self.sync_gradients(self.model)
         grad_norm = self.clip_grad_norm()

@@ -196,7 +196,8 @@ class PPO(PolicyGradient):
         assert batch.values is not None and batch.returns is not None
         sums = {"train/value_loss": 0.0, "train/value_clip_frac": 0.0, "train/vpred_mean": 0.0}
         size = self.critic_micro_batch_size or self.micro_batch_size
-        for micro in torch.arange(batch.size).split(size):
+        micros = torch.arange(batch.size).split(size)
+        for micro in micros:
             part = batch.select(micro)
             predicted = self.critic_values(part)
             device = predicted.device
@@ -204,7 +205,8 @@ class PPO(PolicyGradient):
             loss, clipped = value_loss(
                 predicted, part.values.to(device), part.returns.to(device), mask, self.value_clip or None
             )
-            self.manual_backward(loss / token_count.to(device))
+            with self.gradient_sync(self.critic, enabled=micro is micros[-1]):
+                self.manual_backward(loss / token_count.to(device))
             sums["train/value_loss"] += float(loss.detach())
             sums["train/value_clip_frac"] += float(clipped)
             sums["train/vpred_mean"] += float((predicted.detach() * mask).sum())
@@ -218,5 +220,7 @@ class PPO(PolicyGradient):
         path = super().export(path)
         if self.critic is not None:
             name = path.name.replace("policy", "critic") if "policy" in path.name else f"{path.name}-critic"
-            self.critic.save(path.parent / name)
+            state = self.full_state_dict(self.critic, rank_zero_only=True)  # every rank gathers, rank 0 writes
+            if self.global_rank == 0:
+                self.critic.save(path.parent / name, state_dict=state)
         return path

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from retool.strategies import unwrapped_class
+
 HEAD_FILE = "value_head.safetensors"
 
 
@@ -75,12 +77,22 @@ class ValueModel(torch.nn.Module):
         states = hidden.last_hidden_state[:, -(width + 1) : -1]
         return self.head(states).squeeze(-1).float()
 
-    def save(self, path: str | Path) -> Path:
-        """Save the backbone in Hugging Face format and the head beside it; :meth:`load` reads the folder back."""
+    def save(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save the backbone in Hugging Face format and the head beside it; :meth:`load` reads the folder back.
+
+        ``state_dict`` is this module's, whole (the default: its own; a sharded critic passes the gathered one).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path, safe_serialization=True)
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, path / HEAD_FILE)
+        state = state_dict if state_dict is not None else self.state_dict()
+        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        head = {k.removeprefix("head."): v.detach().contiguous() for k, v in state.items() if k.startswith("head.")}
+        self.backbone.save_pretrained(path, state_dict=backbone, safe_serialization=True)
+        own = unwrapped_class(self.backbone)
+        if own is not type(self.backbone):  # sharded (FSDP2 swaps the class): record the model's own
+            self.backbone.config.architectures = [own.__name__]
+            self.backbone.config.save_pretrained(path)
+        save_file(head, path / HEAD_FILE)
         return path

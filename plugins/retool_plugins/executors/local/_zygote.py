@@ -243,6 +243,9 @@ class Zygote:
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # A cell's own SIGINT is its KeyboardInterrupt, however the trainer was started: a trainer started in
+            # the background of a script inherits SIGINT ignored, and Python then installs no handler of its own.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             _close_all_but({0, 1, 2, data_fd, mirror_fd})
             os.setsid()  # out of the zygote's process group: a cell's kill(0, ...) reaches only the session
             iso.die_with_parent(os.getppid() if not self.active("pid-namespace") else 0)

@@ -19,6 +19,7 @@ import torch
 
 from retool._async import run_sync
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend, RolloutResult
+from retool.strategies import whole
 from retool.types import Trajectory
 from retool_plugins.rollout.hf._engine import DecodeEngine, EngineRequest
 from retool_plugins.rollout.hf._kernels import fast_kernels, supports_grouped_attention
@@ -134,8 +135,8 @@ class HFRollout(RolloutBackend):
         if self._replica is not None:
             # The trainer's weights may have changed since the last rollout (an update, a loaded checkpoint):
             # cast them into the copy (about 0.1 s for 135M parameters on CPU).
-            with torch.no_grad():
-                self._replica.load_state_dict(self.model.state_dict())
+            with torch.no_grad():  # (a sharded policy's tensors are gathered whole: every rank rolls out together)
+                self._replica.load_state_dict({k: whole(v) for k, v in self.model.state_dict().items()})
         was_training = self.model.training
         self.model.eval()
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["INSTALL_HINT", "VLLMRollout", "cpu_engine_env"]
+__all__ = ["INSTALL_HINT", "VLLMRollout", "cpu_engine_env", "gpu_engine_env"]
 
 
 def __getattr__(name: str) -> Any:

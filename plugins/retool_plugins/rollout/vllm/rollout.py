@@ -29,6 +29,7 @@ import torch
 
 from retool._async import run_sync
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend
+from retool.strategies import unwrapped_class
 
 INSTALL_HINT = (
     "VLLMRollout needs vLLM: on a GPU machine `pip install 'retool[vllm]'`; on CPU install the CPU build of "
@@ -269,7 +270,14 @@ class VLLMRollout(RolloutBackend):
 
         # vLLM loads from a folder: snapshot the policy as it is now (later weights arrive by load_weights).
         self._snapshot = tempfile.TemporaryDirectory(prefix="retool-vllm-")
-        self.model.save_pretrained(self._snapshot.name, safe_serialization=True)
+        # Whole tensors: a sharded policy (FSDP2) is gathered; every rank starts its engine at its first rollout.
+        self.model.save_pretrained(
+            self._snapshot.name, state_dict=_cpu_tensors(self.model.state_dict()), safe_serialization=True
+        )
+        own = unwrapped_class(self.model)
+        if own is not type(self.model):  # the sharding wrapper's class name means nothing to vLLM
+            self.model.config.architectures = [own.__name__]
+            self.model.config.save_pretrained(self._snapshot.name)
         self.tokenizer.save_pretrained(self._snapshot.name)
         dtype = self.dtype or str(next(self.model.parameters()).dtype).removeprefix("torch.")
         options: dict[str, Any] = {
@@ -289,7 +297,12 @@ class VLLMRollout(RolloutBackend):
         os.environ.update(
             cpu_engine_env(self.cpu_reserved_cores, torch.cuda.is_available(), os.cpu_count(), os.environ)
         )
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
+        # One engine per process, on that process's GPU: the engine's own processes inherit this variable
+        # (the trainer's CUDA is already set up, so changing it for the start does not move the trainer).
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        tensor_parallel = int(options.get("tensor_parallel_size") or 1)
+        with _environment(gpu_engine_env(device, tensor_parallel, os.environ)):
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
         self._max_len = int(engine.model_config.max_model_len)
         return engine
 
@@ -342,6 +355,32 @@ def cpu_engine_env(
             return {}
         reserved = 0  # a core kept for the front end is half of a 2-core machine's decoding
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
+
+
+def gpu_engine_env(device: int | None, tensor_parallel: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """``CUDA_VISIBLE_DEVICES`` for a process's engine: the GPU its trainer uses (``device``, an index among the
+    GPUs visible to it), so that each rank's engine starts beside its trainer and not all on the first GPU.
+    Nothing to set without a GPU, or for an engine that spans several GPUs (``tensor_parallel_size`` > 1: the
+    user places those)."""
+    if device is None or tensor_parallel > 1:
+        return {}
+    visible = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return {"CUDA_VISIBLE_DEVICES": visible[device] if device < len(visible) else str(device)}
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` while open, then put back what was there."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _cpu_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
