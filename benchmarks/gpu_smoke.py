@@ -30,7 +30,7 @@ algorithm:
 rollout: {{class_path: {rollout}, init_args: {{max_new_tokens: 48, temperature: 1.0{rollout_extra}}}}}
 executor: {{class_path: LocalSandbox}}
 reward: {{class_path: MathAnswerReward}}
-data: {{class_path: ArithmeticProblems, init_args: {{batch_size: 4}}}}
+data: {{class_path: MathFamilies, init_args: {{batch_size: 4}}}}
 """
 
 CASES = [
