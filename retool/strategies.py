@@ -1,21 +1,22 @@
-"""The sharded strategies: FSDP2 (``strategy: fsdp2``) and DeepSpeed ZeRO (``strategy: deepspeed_stage_2/3``).
+"""The sharded strategy, FSDP2 (``strategy: fsdp2``), and what the algorithm asks of any sharded strategy.
 
-Lightning starts the processes and owns the process group; these subclasses of its strategies add what an RL
-step needs from a strategy that splits the model's parameters among the processes:
+Lightning starts the processes and owns the process group; a sharded strategy splits the model's parameters
+among the processes, and an RL step needs three things of it (a fourth is optional):
 
 - ``shard_module(module)``: split a module's parameters (called by the algorithm, for the policy and every
   module that trains or scores with it: the reference model, PPO's critic);
 - ``full_weights(module)``: a context in which the module holds its whole parameters, so that a rollout can
   decode with it, each rank as many steps as its own trajectories need (a sharded forward pass is a collective
   that every rank would have to run in step);
-- ``full_state_dict(module)``: every parameter whole, on every rank or on rank 0 only (the export).
+- ``full_state_dict(module)``: every parameter whole, on every rank or on rank 0 only (the export);
+- ``gradient_sync(module, enabled)`` (optional): a context for one backward pass that reduces gradients only
+  at the optimizer step's last micro-batch.
 
 The algorithm looks these up on whatever strategy runs it (:meth:`retool.Algorithm.configure_model`), so a
-strategy of a user's own that offers the same three is handled the same way. ``ddp`` needs none of them: every
-rank holds the whole model.
+strategy of a user's own that offers them is handled the same way. ``ddp`` needs none of them: every rank
+holds the whole model. DeepSpeed ZeRO is not wired in yet.
 
-Both also run on CPU (gloo), where the equivalence tests run them: Lightning's own ``fsdp`` and
-``deepspeed_*`` refuse a CPU.
+``fsdp2`` also runs on CPU (gloo), where the equivalence tests run it; Lightning's own ``fsdp`` refuses a CPU.
 """
 
 from __future__ import annotations
@@ -158,13 +159,6 @@ def whole(value: torch.Tensor) -> torch.Tensor:
 def whole_norm(norm: torch.Tensor) -> float:
     """A gradient norm as a number: the norm over every shard when the gradients were sharded (a DTensor)."""
     return float(whole(norm))
-
-
-def unwrapped_class(module: torch.nn.Module) -> type:
-    """The class a module had before ``fully_shard`` (which swaps it for a subclass named ``FSDP<name>``)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
 
 
 def register() -> None:

@@ -27,7 +27,7 @@ from retool.executor import Executor
 from retool.policy import Policy
 from retool.reward import Reward
 from retool.rollout.backend import RolloutBackend
-from retool.strategies import unwrapped_class, whole_norm
+from retool.strategies import whole_norm
 from retool.tables import STEP_COLUMNS
 from retool.types import EvalRecord, StepRecord
 
@@ -146,7 +146,7 @@ class Algorithm(Evaluation, L.LightningModule):
         if self.rollout is not None:
             self.rollout.bind(self.model, self.tokenizer)
         shard = self._strategy_hook("shard_module")
-        if shard is not None:  # FSDP2, ZeRO-3: each process keeps a share of every module's parameters
+        if shard is not None:  # FSDP2: each process keeps a share of every module's parameters
             for module in self.sharded_modules():
                 shard(module)
 
@@ -200,7 +200,7 @@ class Algorithm(Evaluation, L.LightningModule):
 
     @property
     def shards_parameters(self) -> bool:
-        """Whether each process holds only a share of the parameters (FSDP2, ZeRO-3): every forward and
+        """Whether each process holds only a share of the parameters (FSDP2): every forward and
         backward pass is then a collective, which every rank must run as many times as the others."""
         return self._strategy_hook("shard_module") is not None and distributed.world_size() > 1
 
@@ -359,8 +359,5 @@ class Algorithm(Evaluation, L.LightningModule):
         if self.global_rank == 0:
             path.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
-            if self.shards_parameters:  # a sharded module's class is a wrapper's: record the model's own
-                self.model.config.architectures = [unwrapped_class(self.model).__name__]
-                self.model.config.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
         return path

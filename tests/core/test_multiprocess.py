@@ -144,6 +144,19 @@ def test_grpo_with_fsdp2_takes_the_steps_of_one_process(model: Path, tmp_path: P
     assert config["architectures"] == ["LlamaForCausalLM"]  # not the sharding wrapper's class
 
 
+def test_fsdp2_on_one_process_exports_a_loadable_policy(model: Path, tmp_path: Path) -> None:
+    # One process still wraps the modules: the class FSDP2 gives them (FSDP<name>) must not reach the config.
+    from transformers import AutoModelForCausalLM
+
+    path = recipe(tmp_path, model, "GRPO")
+    fit(path, tmp_path / "run", "--trainer.strategy", "fsdp2", "--trainer.max_steps", "1",
+        "--algorithm.init_args.eval_every", "0")  # fmt: skip
+    config = json.loads((tmp_path / "run" / "policy" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+
+
 def test_sft_with_fsdp2_takes_the_steps_of_one_process(model: Path, tmp_path: Path) -> None:
     path = recipe(tmp_path, model, "SFT", ", max_length: 512, eval_at_start: true")
     fit(path, tmp_path / "one")

@@ -8,8 +8,6 @@ from typing import Any
 
 import torch
 
-from retool.strategies import unwrapped_class
-
 HEAD_FILE = "value_head.safetensors"
 
 
@@ -90,9 +88,5 @@ class ValueModel(torch.nn.Module):
         backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         head = {k.removeprefix("head."): v.detach().contiguous() for k, v in state.items() if k.startswith("head.")}
         self.backbone.save_pretrained(path, state_dict=backbone, safe_serialization=True)
-        own = unwrapped_class(self.backbone)
-        if own is not type(self.backbone):  # sharded (FSDP2 swaps the class): record the model's own
-            self.backbone.config.architectures = [own.__name__]
-            self.backbone.config.save_pretrained(path)
         save_file(head, path / HEAD_FILE)
         return path

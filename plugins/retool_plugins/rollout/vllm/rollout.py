@@ -29,7 +29,6 @@ import torch
 
 from retool._async import run_sync
 from retool.rollout.backend import Generation, GenerationRequest, RolloutBackend
-from retool.strategies import unwrapped_class
 
 INSTALL_HINT = (
     "VLLMRollout needs vLLM: on a GPU machine `pip install 'retool[vllm]'`; on CPU install the CPU build of "
@@ -274,10 +273,6 @@ class VLLMRollout(RolloutBackend):
         self.model.save_pretrained(
             self._snapshot.name, state_dict=_cpu_tensors(self.model.state_dict()), safe_serialization=True
         )
-        own = unwrapped_class(self.model)
-        if own is not type(self.model):  # the sharding wrapper's class name means nothing to vLLM
-            self.model.config.architectures = [own.__name__]
-            self.model.config.save_pretrained(self._snapshot.name)
         self.tokenizer.save_pretrained(self._snapshot.name)
         dtype = self.dtype or str(next(self.model.parameters()).dtype).removeprefix("torch.")
         options: dict[str, Any] = {
