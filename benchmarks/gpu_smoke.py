@@ -2,9 +2,10 @@
 
 Each case is a real `retool fit` (in this process, one GPU) on a tiny random Llama with the SmolLM2 tokenizer
 (built here, no download): GRPO with HFRollout, GRPO with VLLMRollout (skipped when vLLM is not installed),
-GRPO and SFT under FSDP2 (`strategy: fsdp2`, one process: the sharding code path on CUDA), and PPO; fp32 and
-bf16-mixed for the GRPO step. It prints one table: per case, whether it ran, the mean step time over the steps
-after the first (the first includes CUDA and engine start-up) and `torch.cuda.max_memory_allocated`.
+GRPO, PPO and SFT under FSDP2 (`strategy: fsdp2`, one process: the sharding code path on CUDA), GRPO under
+DeepSpeed ZeRO-2 and ZeRO-3, and PPO; fp32 and bf16-mixed for the GRPO step. It prints one table: per case,
+whether it ran, the mean step time over the steps after the first (the first includes CUDA and engine
+start-up) and `torch.cuda.max_memory_allocated`.
 
 Run on a machine with a CUDA GPU:  python benchmarks/gpu_smoke.py [--steps 3] [--out DIR]
 On a machine without one it says so and exits 2. `tests/gpu/test_gpu_smoke.py` runs it (marked `gpu`).
@@ -42,6 +43,8 @@ CASES = [
     ("PPO, HFRollout", "PPO", "HFRollout", "auto", "32-true", ", critic_warmup: 0", ""),
     ("PPO, FSDP2 (1 GPU)", "PPO", "HFRollout", "fsdp2", "32-true", ", critic_warmup: 0", ""),
     ("SFT, FSDP2 (1 GPU)", "SFT", "HFRollout", "fsdp2", "32-true", ", max_length: 512", ""),
+    ("GRPO, DeepSpeed ZeRO-2 (1 GPU)", "GRPO", "HFRollout", "deepspeed_stage_2", "32-true", ", kl_coef: 0.01", ""),
+    ("GRPO, DeepSpeed ZeRO-3 (1 GPU)", "GRPO", "HFRollout", "deepspeed_stage_3", "32-true", ", kl_coef: 0.01", ""),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The sharded strategy, FSDP2 (``strategy: fsdp2``), and what the algorithm asks of any sharded strategy.
+"""The sharded strategies, FSDP2 (``fsdp2``) and DeepSpeed ZeRO (``deepspeed_stage_2``, ``deepspeed_stage_3``).
 
 Lightning starts the processes and owns the process group; a sharded strategy splits the model's parameters
 among the processes, and an RL step needs three things of it (a fourth is optional):
@@ -14,26 +14,31 @@ among the processes, and an RL step needs three things of it (a fourth is option
 
 The algorithm looks these up on whatever strategy runs it (:meth:`retool.Algorithm.configure_model`), so a
 strategy of a user's own that offers them is handled the same way. ``ddp`` needs none of them: every rank
-holds the whole model. DeepSpeed ZeRO is not wired in yet.
+holds the whole model.
 
-``fsdp2`` also runs on CPU (gloo), where the equivalence tests run it; Lightning's own ``fsdp`` refuses a CPU.
+Both also run on CPU (gloo), where the equivalence tests run them; Lightning's own ``fsdp`` and
+``deepspeed_*`` refuse a CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, StrategyRegistry
 
 STRATEGIES = {
     "ddp": "every process holds the whole model, its gradients and optimizer state; gradients are averaged",
     "fsdp2": "each process holds a share of every parameter, gradient and optimizer state (FSDP2, per decoder layer)",
+    "deepspeed_stage_2": "DeepSpeed ZeRO-2: gradients and optimizer state sharded, weights whole (one trained module)",
+    "deepspeed_stage_3": "DeepSpeed ZeRO-3: weights sharded too (one trained module: not PPO)",
 }
 """The ``trainer.strategy`` names retool's step runs, with what each process holds (``--trainer.help`` prints
-them). Lightning's ``fsdp`` and ``deepspeed_*`` are refused; DeepSpeed ZeRO is not wired in yet."""
+them). Lightning's ``fsdp`` (FSDP1) and its other ``deepspeed_*`` names are refused."""
 
 
 def _layer_classes(module: torch.nn.Module) -> set[str]:
@@ -148,6 +153,136 @@ def _tie_shared(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict
     return state
 
 
+class DeepSpeedZeRO(DeepSpeedStrategy):
+    """DeepSpeed ZeRO stage 2 or 3 through Lightning's ``DeepSpeedStrategy``, on GPUs and on CPU (gloo).
+
+    Stage 2 shards gradients and optimizer state (every process holds the whole weights); stage 3 also shards
+    the weights. DeepSpeed's engine clips (``gradient_clipping`` is set from the algorithm's ``max_grad_norm``)
+    and steps; the gradient norm logged is the one it computed. Micro-batches reduce once per optimizer step
+    (the engine's accumulation boundary is the last micro-batch). For a rollout under stage 3 every parameter
+    of the module (the policy and, when there is one, the reference model) is gathered and DeepSpeed's
+    per-module hooks are lifted, so each process decodes on its own; the export gathers the parameters.
+    DeepSpeed takes one optimizer, so it trains one module: GRPO, RLOO and SFT, not PPO (policy and critic).
+    Select it with ``trainer.strategy: deepspeed_stage_2`` or ``deepspeed_stage_3``.
+
+    The model is loaded whole on every process and partitioned when the engine starts (not created inside
+    ``deepspeed.zero.Init``): a model must fit in one process's CPU memory to be loaded.
+
+    Args:
+        stage: The ZeRO stage, 2 or 3.
+        **kwargs: Lightning's ``DeepSpeedStrategy`` options (``config``, ``offload_optimizer``, ...).
+    """
+
+    strategy_name = "deepspeed_zero"
+    max_optimizers = 1
+
+    def __init__(self, stage: int = 2, **kwargs: Any) -> None:
+        if stage not in (2, 3):
+            raise ValueError(f"retool runs ZeRO stage 2 or 3, got stage {stage}")
+        # DeepSpeed's batch size only feeds its throughput logs; Lightning would read it from the data loader.
+        kwargs.setdefault("logging_batch_size_per_gpu", 1)
+        super().__init__(stage=stage, **kwargs)
+        self.stage = stage
+        self._hold_weights = False
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.stage == 3
+
+    def setup_environment(self) -> None:
+        # Lightning's DeepSpeed set-up refuses any accelerator but CUDA; DDP's runs on CPU too. DeepSpeed needs
+        # a device index per process, which Lightning's CPU devices lack.
+        if self.parallel_devices and all(d.type == "cpu" for d in self.parallel_devices):
+            self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices))]
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def setup(self, trainer: Any) -> None:
+        self.precision_plugin = _RecordBatchesPrecision(self.precision_plugin.precision)
+        self._init_config_if_needed()
+        assert isinstance(self.config, dict)
+        limit = float(getattr(trainer.lightning_module, "max_grad_norm", 0.0) or 0.0)
+        self.config["gradient_clipping"] = limit if limit > 0 else 0.0
+        super().setup(trainer)
+
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        # Loaded whole, partitioned by the engine: Hugging Face's loading does not fill parameters that
+        # zero.Init has already partitioned.
+        yield
+
+    def shard_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Nothing to do here: the engine partitions every parameter of the training module when it starts."""
+        return module
+
+    @contextlib.contextmanager
+    def full_weights(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if self.stage != 3:
+            yield module
+            return
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.model):  # every parameter of the engine's module, gathered
+            yield module
+
+    def full_state_dict(self, module: torch.nn.Module, rank_zero_only: bool = False) -> dict[str, torch.Tensor]:
+        if self.stage != 3:
+            return module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
+        return _tie_shared(module, state)
+
+    @contextlib.contextmanager
+    def gradient_sync(self, module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+        engine = self.model
+        # What the engine's own forward does first: the micro-step count that makes a backward pass accumulate
+        # into the gradients of the previous ones (instead of replacing them) advances there, and retool's
+        # passes call the modules themselves, not the engine.
+        clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+        engine.set_gradient_accumulation_boundary(enabled)
+        yield
+
+    def grad_norm_after_step(self) -> float:
+        """The gradient norm (before clipping) the engine computed in its last step."""
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
+
+    @contextlib.contextmanager
+    def without_update(self) -> Iterator[None]:
+        """Optimizer steps inside count (Lightning's step counter) but leave the weights and the optimizer's
+        state alone: DeepSpeed would step even with no gradients, and its moments would move the weights."""
+        self._hold_weights = True
+        try:
+            yield
+        finally:
+            self._hold_weights = False
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self._hold_weights:
+            return closure()
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+
+class _RecordBatchesPrecision(DeepSpeedPrecision):
+    """DeepSpeed's precision plugin for batches that are lists of records (problems, traces: frozen dataclasses
+    of text), which hold no tensor to cast and which Lightning's version refuses to walk."""
+
+    def convert_input(self, data: Any) -> Any:
+        if isinstance(data, (list, tuple)) and not any(isinstance(item, torch.Tensor) for item in data):
+            return data
+        return super().convert_input(data)
+
+
 def whole(value: torch.Tensor) -> torch.Tensor:
     """``value`` whole: a sharded tensor (FSDP2's DTensor) gathered from every rank (all ranks must call it
     together), anything else as it is."""
@@ -162,13 +297,21 @@ def whole_norm(norm: torch.Tensor) -> float:
 
 
 def register() -> None:
-    """Make ``trainer.strategy: fsdp2`` a name Lightning knows (idempotent)."""
-    if FSDP2Strategy.strategy_name not in StrategyRegistry:
+    """Make ``fsdp2``, ``deepspeed_stage_2`` and ``deepspeed_stage_3`` names of retool's strategies (the DeepSpeed
+    ones replace Lightning's of the same name, which retool's step cannot run)."""
+    if (dict.get(StrategyRegistry, "fsdp2") or {}).get("strategy") is not FSDP2Strategy:
         StrategyRegistry.register(
-            FSDP2Strategy.strategy_name,
+            "fsdp2",
             FSDP2Strategy,
             description="FSDP2 (fully_shard) over every process, with retool's decoding, export and clipping",
+            override=True,
         )
+    for stage in (2, 3):
+        name = f"deepspeed_stage_{stage}"
+        if (dict.get(StrategyRegistry, name) or {}).get("strategy") is not DeepSpeedZeRO:
+            StrategyRegistry.register(
+                name, DeepSpeedZeRO, description=f"DeepSpeed ZeRO stage {stage} (retool's)", override=True, stage=stage
+            )
 
 
 register()

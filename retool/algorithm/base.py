@@ -112,9 +112,24 @@ class Algorithm(Evaluation, L.LightningModule):
 
     # ---- components ---------------------------------------------------------------------------------------
 
+    trained_modules: tuple[str, ...] = ("policy",)
+    """Names of the modules this algorithm trains, each with its own optimizer (known before they load)."""
+
     def setup(self, stage: str) -> None:
         # Runs before configure_model: a recipe that lacks a section fails here, before any weights load.
         self.check_components()
+        self.check_strategy(self.trainer.strategy)
+
+    def check_strategy(self, strategy: Any) -> None:
+        """Raise ``ValueError`` (naming the fix) if ``strategy`` cannot train this algorithm: one that takes fewer
+        optimizers (``max_optimizers``: DeepSpeed's one) than the modules it trains."""
+        limit = getattr(strategy, "max_optimizers", None)
+        modules = self.trained_modules
+        if limit is not None and len(modules) > limit:
+            raise ValueError(
+                f"{type(self).__name__} trains {len(modules)} modules ({', '.join(modules)}), each with its own "
+                f"optimizer, and {type(strategy).__name__} takes {limit}: use strategy fsdp2 (sharded) or ddp"
+            )
 
     def check_components(self) -> None:
         """Raise ``ValueError`` (naming the fix) unless every component this algorithm needs was given.
@@ -199,10 +214,19 @@ class Algorithm(Evaluation, L.LightningModule):
         return getattr(trainer.strategy, name, None) if trainer is not None else None
 
     @property
-    def shards_parameters(self) -> bool:
-        """Whether each process holds only a share of the parameters (FSDP2): every forward and
-        backward pass is then a collective, which every rank must run as many times as the others."""
+    def lockstep_passes(self) -> bool:
+        """Whether every forward or backward pass of a trained module is a collective (FSDP2, DeepSpeed), which
+        every rank must run as many times as the others: a rank with nothing of its own to learn from then runs
+        passes that teach nothing. (DDP's are not: retool averages its gradients once per optimizer step.)"""
         return self._strategy_hook("shard_module") is not None and distributed.world_size() > 1
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether each process holds only a share of the weights (FSDP2, ZeRO-3): they can only be gathered
+        with every rank taking part."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        shards = getattr(strategy, "shards_parameters", hasattr(strategy, "shard_module"))
+        return bool(shards) and distributed.world_size() > 1
 
     def full_weights(self, module: torch.nn.Module | None = None) -> contextlib.AbstractContextManager[Any]:
         """A context in which ``module`` (default: the policy) holds its whole parameters, so a rollout can
@@ -288,6 +312,22 @@ class Algorithm(Evaluation, L.LightningModule):
         limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
         # Sharded gradients (FSDP2) are DTensors: the norm is then over every shard, and the same on every rank.
         return whole_norm(torch.nn.utils.clip_grad_norm_(params, limit))
+
+    def clip_and_step(self, module: torch.nn.Module, optimizer: Any, last: bool = True) -> float:
+        """Clip ``module``'s gradients (:meth:`clip_grad_norm`) and step its ``optimizer`` (:meth:`step_optimizer`);
+        return the gradient norm before clipping. Under a strategy that clips inside its own step (DeepSpeed),
+        the norm is the one it computed."""
+        after_step = self._strategy_hook("grad_norm_after_step")
+        norm = self.clip_grad_norm(module) if after_step is None else math.nan
+        self.step_optimizer(optimizer, last=last)
+        return after_step() if after_step is not None else norm
+
+    def without_update(self) -> contextlib.AbstractContextManager[Any]:
+        """A context whose optimizer steps count (``trainer.global_step``) but change nothing: the step of an RL
+        step that has nothing to learn. Without gradients AdamW leaves the weights alone by itself; a strategy
+        whose optimizer would move them anyway (DeepSpeed) holds them."""
+        hook = self._strategy_hook("without_update")
+        return hook() if hook is not None else contextlib.nullcontext()
 
     def step_optimizer(self, optimizer: Any, last: bool = True) -> None:
         """Step ``optimizer``; only the ``last`` step of a training step advances ``trainer.global_step``.

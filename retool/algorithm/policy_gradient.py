@@ -294,9 +294,10 @@ class PolicyGradient(Algorithm, ABC):
             # the passes and step with no gradients (AdamW leaves a parameter without .grad untouched, so
             # momentum cannot move the weights), which still counts the RL step. A rank with nothing to learn
             # while another has signal runs its passes (zero gradients), so that every rank steps alike.
-            for i, optimizer in enumerate(optimizers):
-                optimizer.zero_grad(set_to_none=True)
-                self.step_optimizer(optimizer, last=i == len(optimizers) - 1)
+            with self.without_update():
+                for i, optimizer in enumerate(optimizers):
+                    optimizer.zero_grad(set_to_none=True)
+                    self.step_optimizer(optimizer, last=i == len(optimizers) - 1)
             lr = float(optimizers[0].param_groups[0]["lr"])
             return {**estimates, "train/skipped": 1.0, "train/optimizer_steps": 0.0, "train/lr": lr}
 
@@ -333,9 +334,8 @@ class PolicyGradient(Algorithm, ABC):
             tokens_seen += float(local_tokens)
             for i, (name, module) in enumerate(modules.items()):
                 self.sync_gradients(module)
-                norms[name].append(self.clip_grad_norm(module))
                 last = k == len(updates) - 1 and i == len(modules) - 1
-                self.step_optimizer(optimizers[i], last=last)
+                norms[name].append(self.clip_and_step(module, optimizers[i], last=last))
                 optimizers[i].zero_grad(set_to_none=True)
         if batch.sampler_logprobs is not None and batch.old_logprobs is not None:  # measured against the recomputed
             diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask  # old log-probs

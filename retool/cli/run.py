@@ -225,6 +225,10 @@ def _build_trainer(init: Any, run_dir: Path, evaluates: bool, command: str) -> R
     except Exception as exc:  # a strategy this machine cannot run, devices it does not have: before any weights load
         raise ConfigError(f"invalid trainer section: {strategy_advice(root_cause(exc), trainer_kwargs)}") from None
     _check_strategy(trainer)
+    try:  # before the processes start and any weights load
+        init.algorithm.check_strategy(trainer.strategy)
+    except ValueError as exc:
+        raise ConfigError(f"invalid trainer section: {exc}") from None
     return RunSetup(init.algorithm, init.data, trainer, run_dir, table, artifacts, evaluates, console)
 
 
@@ -237,9 +241,9 @@ def strategy_advice(message: str, trainer_kwargs: dict[str, Any]) -> str:
 
 
 SHARDED_ADVICE = (
-    "retool's strategies are ddp (every process holds the model) and fsdp2 (FSDP2: parameters, gradients and "
-    "optimizer state sharded); both run on CPU too, and DeepSpeed ZeRO is not wired in yet (see the docs page "
-    "'Many processes')"
+    "retool's strategies are ddp (every process holds the model), fsdp2 (FSDP2: parameters, gradients and "
+    "optimizer state sharded) and deepspeed_stage_2 / deepspeed_stage_3 (DeepSpeed ZeRO, one trained module); "
+    "all run on CPU too (see the docs page 'Many processes')"
 )
 
 

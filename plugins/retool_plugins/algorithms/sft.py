@@ -96,8 +96,8 @@ class SFT(Algorithm):
         # The loss is the mean over every rank's tokens, so N processes take the step one process would.
         token_count = self.token_normalizer(tokens)
         parts = [batch.select(m) for m in torch.arange(batch.size).split(self.micro_batch_size)] if usable else []
-        if self.shards_parameters:
-            # Every pass over a sharded model is a collective: a rank with fewer usable traces runs passes that
+        if self.lockstep_passes:
+            # Every pass is a collective (FSDP2, DeepSpeed): a rank with fewer usable traces runs passes that
             # teach nothing (no model-written token) until it has run as many as the rank with the most.
             most = int(distributed.max_across({"passes": float(len(parts))})["passes"])
             parts += [PolicyBatch.placeholder(pad)] * (most - len(parts))
@@ -110,8 +110,11 @@ class SFT(Algorithm):
                     self.manual_backward(nll / token_count.to(nll.device))
                 loss_sum += float(nll.detach())
         self.sync_gradients(self.model)
-        grad_norm = self.clip_grad_norm()
-        optimizer.step()  # no gradients (nothing usable) leaves the weights as they were, and still counts the step
+        if parts:
+            grad_norm = self.clip_and_step(self.model, optimizer)
+        else:  # nothing usable on any rank: count the step, change nothing
+            with self.without_update():
+                grad_norm = self.clip_and_step(self.model, optimizer)
         optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:

@@ -118,6 +118,8 @@ class PPO(PolicyGradient):
                 self.critic = ValueModel.load(self.critic_name_or_path, dtype=self.policy.dtype)
             self.critic.train()
 
+    trained_modules = ("policy", "critic")
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         assert self.critic is not None, "the critic is built when the policy loads (configure_model)"
         return {**super().trainable_modules(), "critic": self.critic}
