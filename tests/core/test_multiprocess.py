@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
@@ -189,6 +190,20 @@ def test_grpo_with_deepspeed_zero2_and_zero3_takes_the_steps_of_one_process(mode
     for stage in (2, 3):
         fit(path, tmp_path / f"zero{stage}", "--trainer.devices", "2", "--trainer.strategy", f"deepspeed_stage_{stage}")
         assert_same_run(tmp_path / "one", tmp_path / f"zero{stage}", keys)
+
+
+@needs_deepspeed
+def test_deepspeed_leaves_the_weights_alone_when_a_step_has_nothing_to_learn(model: Path, tmp_path: Path) -> None:
+    # A random model answers nothing right: every reward is -1, every advantage 0. DeepSpeed's engine would step
+    # anyway; the step must still count and the weights stay as they were.
+    text = recipe(tmp_path, model, "GRPO").read_text().replace("HalfSilentReward", "MathAnswerReward")
+    path = tmp_path / "r.yaml"
+    path.write_text(text.replace("CountedProblems", "ArithmeticProblems").replace(", shuffle: false", ""))
+    fit(path, tmp_path / "run", "--trainer.devices", "2", "--trainer.strategy", "deepspeed_stage_2",
+        "--trainer.max_steps", "2", "--algorithm.init_args.eval_every", "0")  # fmt: skip
+    assert [(s["step"], s["train/skipped"]) for s in steps(tmp_path / "run")] == [(1, 1.0), (2, 1.0)]
+    before, after = load_file(model / "model.safetensors"), load_file(tmp_path / "run" / "policy" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @needs_deepspeed
