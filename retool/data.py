@@ -42,6 +42,47 @@ class RankBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+class ResumableLoader(DataLoader):
+    """The training batches, resumable mid-epoch: a Lightning checkpoint keeps where the epoch was.
+
+    Lightning saves the ``state_dict`` of a training loader that has one and gives it back on resume. Here it is
+    the shuffling generator as it was when the current epoch began (every epoch's order is drawn from it, so the
+    epochs after follow too) and how many of the epoch's batches the trainer had finished; a resumed loader
+    draws that epoch again and skips them. Batches finished are counted from ``trainer.global_step`` (one batch
+    is one training step), not from the batches handed out, which run ahead of training by Lightning's prefetch.
+    """
+
+    def __init__(self, *args: Any, steps_done: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._steps_done = steps_done if steps_done is not None else (lambda: 0)
+        self._epoch_generator: torch.Tensor | None = None
+        self._epoch_first_step = 0
+        self._resume: dict[str, Any] | None = None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        skip = 0
+        if self._resume is not None:
+            if self.generator is not None:
+                self.generator.set_state(self._resume["generator"])
+            skip = int(self._resume["batches_done"])
+            self._resume = None
+        self._epoch_generator = self.generator.get_state() if self.generator is not None else None
+        self._epoch_first_step = int(self._steps_done()) - skip
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches)
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self._epoch_generator,
+            "batches_done": int(self._steps_done()) - self._epoch_first_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state) if state.get("generator") is not None or self.generator is None else None
+
+
 class ProblemDataModule(L.LightningDataModule):
     """Base class of every dataset plugin.
 
@@ -119,11 +160,12 @@ class ProblemDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         order = RandomSampler(items, generator=generator) if self.shuffle else SequentialSampler(items)
         batches = RankBatches(order, self.batch_size, drop_last=len(items) >= self.batch_size, world=world, rank=rank)
-        return DataLoader(
+        return ResumableLoader(
             items,  # type: ignore[arg-type]  # a list is a valid map-style dataset
             batch_sampler=batches,
             generator=generator,
             collate_fn=_as_list,
+            steps_done=lambda: self.trainer.global_step if self.trainer is not None else 0,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -200,6 +200,16 @@ class PolicyGradient(Algorithm, ABC):
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------
 
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        return ("ref_model.",)  # the initial policy: rebuilt from the recipe's policy on resume
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"shuffle": self._shuffle.get_state()}  # the mini-batch order of every later step
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "shuffle" in state:
+            self._shuffle.set_state(state["shuffle"])
+
     def sharded_modules(self) -> list[torch.nn.Module]:
         return super().sharded_modules() + ([self.ref_model] if self.ref_model is not None else [])
 

@@ -275,7 +275,7 @@ def _fit(run: RunSetup, parsed: ParsedRecipe) -> int:
     algorithm.keep_resources_open = True
     console.print(f"[bold]retool fit[/] {parsed.path} -> run directory [cyan]{run.run_dir}[/]")
     try:
-        if run.evaluates and algorithm.eval_at_start:
+        if run.evaluates and algorithm.eval_at_start and not parsed.config.ckpt_path:  # a resumed run evaluated
             validate_all(run)
         trainer.fit(algorithm, datamodule=run.data, ckpt_path=parsed.config.ckpt_path)
         last = run.table.evaluations[-1].step if run.table.evaluations else None
