@@ -5,11 +5,12 @@ files (per-step metrics, a readable sample of trajectories, the exported policy)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
@@ -193,3 +194,56 @@ class RunArtifacts(Callback):
             return
         if trainer.is_global_zero:
             self.exported = pl_module.export(self.run_dir / "policy-interrupted")  # type: ignore[operator]
+
+
+class RunCheckpoints(ModelCheckpoint):
+    """Resumable checkpoints in the run directory: every ``every`` steps and at the end, the newest ``keep`` kept.
+
+    Each is ``checkpoints/step=N.ckpt``, the whole state a run continues from (``retool fit --resume RUN_DIR``):
+    weights and optimizers, the step, the data position, every random stream. Lightning writes each file to a
+    temporary name and renames it, so a run killed while writing leaves the previous ones intact.
+    """
+
+    def __init__(self, run_dir: str | Path, every: int, keep: int) -> None:
+        super().__init__(
+            dirpath=Path(run_dir) / "checkpoints",
+            filename="step={step}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every,
+            save_top_k=-1,  # the pruning is ours (see _prune): it also sees the files of the run this one resumes
+            monitor="step",
+            mode="max",
+            save_on_train_epoch_end=False,
+        )
+        self.keep = keep
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Written under a temporary name in the same folder, then renamed: a name step=N.ckpt is a whole file.
+        # (Lightning's own transaction writes a temporary file elsewhere and copies it over: not atomic.)
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+            self._prune(Path(filepath).parent)
+        trainer.strategy.barrier("retool-checkpoint")
+        self._last_checkpoint_saved = filepath
+
+    def _prune(self, folder: Path) -> None:
+        """Keep the newest ``keep`` checkpoints of the folder (a resumed run's included); drop what a killed write
+        left half done."""
+        saved = sorted((p for p in folder.glob("step=*.ckpt") if checkpoint_step(p) >= 0), key=checkpoint_step)
+        for old in saved[: -self.keep]:
+            old.unlink(missing_ok=True)
+        for left in folder.glob("*.partial"):
+            left.unlink(missing_ok=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step and not trainer.interrupted:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of ``checkpoints/step=N.ckpt`` (-1 for a name that is not one)."""
+    stem = path.stem
+    return int(stem.split("=", 1)[1]) if stem.startswith("step=") and stem.split("=", 1)[1].isdigit() else -1

@@ -74,10 +74,12 @@ class ResumableLoader(DataLoader):
         return batches
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "generator": self._epoch_generator,
-            "batches_done": int(self._steps_done()) - self._epoch_first_step,
-        }
+        done = int(self._steps_done()) - self._epoch_first_step
+        if done >= len(self) and self.generator is not None:
+            # The epoch is over: a resumed run starts the next one, whose order is drawn from the generator as it
+            # is now (Lightning begins a new epoch after a checkpoint taken at an epoch's last batch).
+            return {"generator": self.generator.get_state(), "batches_done": 0}
+        return {"generator": self._epoch_generator, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state) if state.get("generator") is not None or self.generator is None else None

@@ -23,7 +23,9 @@ from retool import plugins as plugin_registry
 from retool.cli._common import ConfigError, clean_message
 from retool.plugins import KINDS, PluginInfo
 
-SECTIONS = ["seed_everything", "run_dir", "ckpt_path", "trainer", "policy", *KINDS]
+SECTIONS = [
+    "seed_everything", "run_dir", "ckpt_path", "checkpoint_every", "keep_checkpoints", "trainer", "policy", *KINDS,
+]  # fmt: skip
 INJECTED = ("policy", "rollout", "executor", "reward")
 """The algorithm's arguments that the core fills from the recipe's other sections."""
 
@@ -55,6 +57,11 @@ def build_parser(prog: str = "retool fit", description: str = "Train a policy wi
     parser.add_argument("--seed_everything", type=int, default=0, help="Seed of every RNG (Lightning).")
     parser.add_argument("--run_dir", type=str | None, default=None, help="Run directory (default: runs/NAME-TIME).")
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint to resume from.")
+    parser.add_argument(
+        "--checkpoint_every", type=int, default=50,
+        help="Save a resumable checkpoint in the run directory every this many steps, and at the end (0 = never).",
+    )  # fmt: skip
+    parser.add_argument("--keep_checkpoints", type=int, default=2, help="Keep the newest this many checkpoints.")
     parser.add_class_arguments(L.Trainer, "trainer", instantiate=False, fail_untyped=False)
     parser.add_class_arguments(Policy, "policy")
     parser.add_subclass_arguments(KINDS["algorithm"], "algorithm", required=True)

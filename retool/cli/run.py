@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -17,6 +18,15 @@ from typing import Any
 from retool import plugins as plugin_registry
 from retool.cli._common import ConfigError, print_error, root_cause, wants_help
 from retool.cli.recipe import ParsedRecipe, build_parser, parse_recipe, trainer_help
+from retool.cli.resume import (
+    Resume,
+    changed_options,
+    cut_run_files,
+    find_resume,
+    read_csv_rows,
+    resume_arguments,
+    split_resume,
+)
 from retool.plugins import PluginInfo
 
 
@@ -59,11 +69,23 @@ def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
             build_parser("retool fit").parse_args(args)
         except SystemExit as exc:
             return int(exc.code or 0)
+    resume_dir, allow_changes, args = split_resume(args)
+    resume = find_resume(resume_dir) if resume_dir is not None else None
+    if resume is not None:
+        args = resume_arguments(resume, args)
     try:
         parsed = parse_recipe(args, found, "retool fit")
     except SystemExit as exc:  # --print_config printed the resolved recipe
         return int(exc.code or 0)
-    return _fit(setup_run(parsed, found, "fit"), parsed)
+    if resume is not None:
+        saved = parse_recipe(resume_arguments(resume, []), found, "retool fit")
+        changed = changed_options(saved.config.as_dict(), parsed.config.as_dict())
+        if changed and not allow_changes:
+            raise ConfigError(
+                f"resuming {resume.run_dir} with changed options: {', '.join(changed)}; a resumed run continues "
+                "the one it saved (add --allow_changes to continue with them anyway)"
+            )
+    return _fit(setup_run(parsed, found, "fit", resume=resume), parsed, resume)
 
 
 def cmd_validate(args: list[str], blocked: Sequence[str]) -> int:
@@ -108,7 +130,9 @@ def cmd_validate(args: list[str], blocked: Sequence[str]) -> int:
     return 0
 
 
-def setup_run(parsed: ParsedRecipe, found: Sequence[PluginInfo], command: str) -> RunSetup:
+def setup_run(
+    parsed: ParsedRecipe, found: Sequence[PluginInfo], command: str, resume: Resume | None = None
+) -> RunSetup:
     """Instantiate a parsed recipe, check it, and build its run directory and Trainer (fit and validate).
 
     Everything that can fail on the recipe (a plugin's own check of its values, a missing data file, a
@@ -138,7 +162,7 @@ def setup_run(parsed: ParsedRecipe, found: Sequence[PluginInfo], command: str) -
     if command == "validate" and not evaluates:
         raise ConfigError(f"the data section ({type(init.data).__name__}) has no val problems to evaluate on")
     run_dir = _make_run_dir(parsed, found, command)
-    return _build_trainer(init, run_dir, evaluates, command)
+    return _build_trainer(init, run_dir, evaluates, command, cfg, resume)
 
 
 RUN_DIR_VARIABLE = "RETOOL_RUN_DIR"
@@ -180,13 +204,15 @@ def _make_run_dir(parsed: ParsedRecipe, found: Sequence[PluginInfo], command: st
     return run_dir
 
 
-def _build_trainer(init: Any, run_dir: Path, evaluates: bool, command: str) -> RunSetup:
+def _build_trainer(
+    init: Any, run_dir: Path, evaluates: bool, command: str, cfg: Any, resume: Resume | None
+) -> RunSetup:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from rich.console import Console
 
-    from retool.callbacks import RunArtifacts, StepTable
+    from retool.callbacks import RunArtifacts, RunCheckpoints, StepTable
 
     console = Console(quiet=not launched_as_rank_zero())  # one process speaks for the run
     trainer_kwargs = dict(init.trainer)
@@ -196,13 +222,25 @@ def _build_trainer(init: Any, run_dir: Path, evaluates: bool, command: str) -> R
     callbacks += [table, artifacts]
     if (
         command == "fit"
-        and trainer_kwargs.get("enable_checkpointing", True)
+        and trainer_kwargs.get("enable_checkpointing") is not False  # None: Lightning's default, on
         and not any(isinstance(c, ModelCheckpoint) for c in callbacks)
+        and cfg.checkpoint_every > 0
     ):
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
+        callbacks.append(RunCheckpoints(run_dir, every=cfg.checkpoint_every, keep=max(cfg.keep_checkpoints, 1)))
     if trainer_kwargs.get("logger") in (None, True):
+        header, rows = read_csv_rows(run_dir, resume.step) if resume is not None else ([], [])
+        csv_logger = CSVLogger(save_dir=run_dir, name="csv", version="")
+        if rows and launched_as_rank_zero():
+            # Lightning's CSV logger starts its table afresh in a folder that has one: put back the resumed
+            # run's rows up to its checkpoint, which later rows are appended to.
+            _ = csv_logger.experiment  # created now, and the old file with it deleted
+            csv_logger.experiment.metrics_keys = list(header)
+            with open(csv_logger.experiment.metrics_file_path, "w", newline="", encoding="utf-8") as file:
+                writer = csv.DictWriter(file, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(rows)
         trainer_kwargs["logger"] = [
-            CSVLogger(save_dir=run_dir, name="csv", version=""),
+            csv_logger,
             TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
         ]
     trainer_kwargs["default_root_dir"] = str(run_dir)
@@ -266,7 +304,7 @@ def _check_strategy(trainer: Any) -> None:
         )
 
 
-def _fit(run: RunSetup, parsed: ParsedRecipe) -> int:
+def _fit(run: RunSetup, parsed: ParsedRecipe, resume: Resume | None = None) -> int:
     from retool.policy import PolicyLoadError
 
     algorithm, trainer, console = run.algorithm, run.trainer, run.console
@@ -274,6 +312,10 @@ def _fit(run: RunSetup, parsed: ParsedRecipe) -> int:
     # rollout engine stay open across them and are closed once, at the end, however the run ends.
     algorithm.keep_resources_open = True
     console.print(f"[bold]retool fit[/] {parsed.path} -> run directory [cyan]{run.run_dir}[/]")
+    if resume is not None:
+        if launched_as_rank_zero():  # the steps after the checkpoint are taken again: their rows go
+            cut_run_files(resume.run_dir, resume.step)
+        console.print(f"resuming after step {resume.step} from [cyan]{resume.checkpoint}[/]")
     try:
         if run.evaluates and algorithm.eval_at_start and not parsed.config.ckpt_path:  # a resumed run evaluated
             validate_all(run)
