@@ -199,7 +199,8 @@ class RunArtifacts(Callback):
 class RunCheckpoints(ModelCheckpoint):
     """Resumable checkpoints in the run directory: every ``every`` steps and at the end, the newest ``keep`` kept.
 
-    Each is ``checkpoints/step=N.ckpt``, the whole state a run continues from (``retool fit --resume RUN_DIR``):
+    Each is ``checkpoints/step=N.ckpt`` (``last.ckpt`` links to the newest), the whole state a run continues
+    from (``retool fit --resume RUN_DIR``):
     weights and optimizers, the step, the data position, every random stream. Lightning writes each file to a
     temporary name and renames it, so a run killed while writing leaves the previous ones intact.
     """
@@ -211,6 +212,8 @@ class RunCheckpoints(ModelCheckpoint):
             auto_insert_metric_name=False,
             every_n_train_steps=every,
             save_top_k=-1,  # the pruning is ours (see _prune): it also sees the files of the run this one resumes
+            save_last="link",  # last.ckpt, a link to the newest: Lightning's name for --ckpt_path
+            enable_version_counter=False,  # a resumed run relinks last.ckpt (and retakes a step's name)
             monitor="step",
             mode="max",
             save_on_train_epoch_end=False,
@@ -240,7 +243,9 @@ class RunCheckpoints(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step and not trainer.interrupted:
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)  # last.ckpt follows
 
 
 def checkpoint_step(path: Path) -> int:
