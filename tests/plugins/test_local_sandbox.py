@@ -364,7 +364,9 @@ def test_no_processes_leak_after_aclose(isolation):
         await sandbox.execute("import os\nos._exit(1)", "crashed")
         # A grandchild that leaves the worker's process group and session.
         spawn = "import subprocess\np = subprocess.Popen(['sleep', '60'], start_new_session=True)"
-        await sandbox.execute(spawn, "spawner")
+        spawned = await sandbox.execute(spawn, "spawner")
+        # Its cell must have finished, not hit the 3 s limit (on 2 busy cores, 1 s was once too little).
+        assert spawned.ok and spawned.stop_reason is None, spawned
         zygote = zygote_of(sandbox)
         tree = descendants(zygote)
         sleepers = [pid for pid, command in tree.items() if command == "sleep 60"]
@@ -377,7 +379,7 @@ def test_no_processes_leak_after_aclose(isolation):
         await sandbox.aclose()  # twice is fine
         return zygote, tree
 
-    zygote, tree = run_with(body, timeout_s=1.0, isolation=isolation)
+    zygote, tree = run_with(body, timeout_s=3.0, isolation=isolation)
     assert zygote not in child_pids()  # killed and reaped: no zombie either
     assert not [pid for pid in (zygote, *tree) if is_running(pid)]
 
