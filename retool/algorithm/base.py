@@ -19,10 +19,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from retool import distributed
 from retool._async import run_sync
 from retool.algorithm.batch import PolicyBatch
+from retool.algorithm.checkpoints import Checkpoints
 from retool.algorithm.evaluation import Evaluation
+from retool.algorithm.processes import Processes
 from retool.executor import Executor
 from retool.policy import Policy
 from retool.reward import Reward
@@ -32,7 +33,7 @@ from retool.tables import STEP_COLUMNS
 from retool.types import EvalRecord, StepRecord
 
 
-class Algorithm(Evaluation, L.LightningModule):
+class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
     """Base class of training algorithms.
 
     The policy, rollout backend, executor and reward are injected from the recipe's other sections; the
@@ -190,83 +191,6 @@ class Algorithm(Evaluation, L.LightningModule):
         if self.rollout is not None:
             run_sync(self.rollout.aclose())
 
-    # ---- processes ------------------------------------------------------------------------------------------
-
-    def on_fit_start(self) -> None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        self._averages_gradients = isinstance(self.trainer.strategy.model, DistributedDataParallel)
-
-    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        if not self._averages_gradients:
-            return super().manual_backward(loss, *args, **kwargs)
-        # DDP's reducer averages gradients during a backward pass and needs every rank to run the same passes
-        # over the same parameters. An RL step does not: a rank may have nothing to learn from, a critic trains
-        # alone during its warm-up, policy and critic take different micro-batches. So every pass runs without
-        # the reducer, and sync_gradients averages each module once per optimizer step.
-        with self.trainer.strategy.model.no_sync():
-            return super().manual_backward(loss, *args, **kwargs)
-
-    def _strategy_hook(self, name: str) -> Any:
-        """The running strategy's ``name`` (see :mod:`retool.strategies`), or ``None`` when it has none (one
-        process, DDP) or the module runs without a trainer."""
-        trainer = self._trainer
-        return getattr(trainer.strategy, name, None) if trainer is not None else None
-
-    @property
-    def lockstep_passes(self) -> bool:
-        """Whether every forward or backward pass of a trained module is a collective (FSDP2, DeepSpeed), which
-        every rank must run as many times as the others: a rank with nothing of its own to learn from then runs
-        passes that teach nothing. (DDP's are not: retool averages its gradients once per optimizer step.)"""
-        return self._strategy_hook("shard_module") is not None and distributed.world_size() > 1
-
-    @property
-    def shards_parameters(self) -> bool:
-        """Whether each process holds only a share of the weights (FSDP2, ZeRO-3): they can only be gathered
-        with every rank taking part."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        shards = getattr(strategy, "shards_parameters", hasattr(strategy, "shard_module"))
-        return bool(shards) and distributed.world_size() > 1
-
-    def full_weights(self, module: torch.nn.Module | None = None) -> contextlib.AbstractContextManager[Any]:
-        """A context in which ``module`` (default: the policy) holds its whole parameters, so a rollout can
-        decode with it, each rank for as many steps as its own trajectories need. Every rank must enter it
-        together; with a strategy that does not shard, it does nothing."""
-        module = module if module is not None else self.model
-        hook = self._strategy_hook("full_weights")
-        return hook(module) if hook is not None else contextlib.nullcontext(module)
-
-    def full_state_dict(self, module: torch.nn.Module | None = None, rank_zero_only: bool = False) -> dict[str, Any]:
-        """``module``'s (default: the policy's) state dict with every tensor whole (gathered from the shards
-        under a sharding strategy; every rank must call it then). With ``rank_zero_only`` the other ranks may
-        get an empty dict."""
-        module = module if module is not None else self.model
-        assert module is not None
-        hook = self._strategy_hook("full_state_dict")
-        return hook(module, rank_zero_only=rank_zero_only) if hook is not None else module.state_dict()
-
-    def gradient_sync(self, module: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-        """A context for one backward pass of ``module``: under a sharding strategy, gradients are reduced
-        among the processes only if ``enabled`` (the optimizer step's last micro-batch of that module)."""
-        hook = self._strategy_hook("gradient_sync")
-        return hook(module, enabled) if hook is not None else contextlib.nullcontext()
-
-    def sync_gradients(self, module: torch.nn.Module) -> None:
-        """Make ``module``'s gradients the mean over the ranks, before clipping and the optimizer step.
-
-        Under DDP (replicated weights) retool averages them itself (see :meth:`manual_backward`); on one process
-        there is nothing to do.
-        """
-        if self._averages_gradients:
-            distributed.average_gradients(module.parameters())
-
-    def token_normalizer(self, local_tokens: torch.Tensor | float) -> torch.Tensor:
-        """What a loss summed over this rank's tokens is divided by, so that the gradient averaged over the
-        ranks is the per-token mean over every rank's tokens: a run on N processes takes the step a run on one
-        takes over the same global batch. The tokens of all ranks, over N (at least 1)."""
-        total = distributed.sum_across({"tokens": float(local_tokens)})["tokens"]
-        return torch.tensor(max(total, 1.0) / distributed.world_size(), dtype=torch.float32)
-
     # ---- optimization ---------------------------------------------------------------------------------------
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -376,39 +300,6 @@ class Algorithm(Evaluation, L.LightningModule):
             entropy = torch.zeros_like(logprobs)
         return logprobs, entropy
 
-    # ---- checkpoints ----------------------------------------------------------------------------------------
-
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of modules that are rebuilt from the recipe rather than saved (a frozen reference
-        model): left out of checkpoints, and taken from the rebuilt module when one is loaded."""
-        return ()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = self.frozen_prefixes()
-        if frozen:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(frozen)]:
-                del state[key]
-        # Every random stream the run draws from outside its own seeded generators (see extra_state).
-        checkpoint["retool"] = {"rng": _rng_states(), **self.extra_state()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = self.frozen_prefixes()
-        if frozen:  # the rebuilt modules' weights, so that loading stays strict for everything else
-            state = checkpoint["state_dict"]
-            state.update({k: v for k, v in self.state_dict().items() if k.startswith(frozen)})
-        saved = checkpoint.get("retool")
-        if saved is not None:
-            _set_rng_states(saved["rng"])
-            self.load_extra_state(saved)
-
-    def extra_state(self) -> dict[str, Any]:
-        """What a subclass adds to a checkpoint beyond its modules' weights and optimizers (its own generators)."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` saved."""
-
     # ---- output ---------------------------------------------------------------------------------------------
 
     def record_step(
@@ -434,28 +325,3 @@ class Algorithm(Evaluation, L.LightningModule):
             self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
         return path
-
-
-def _rng_states() -> dict[str, Any]:
-    """The global random streams, in types a checkpoint loaded with ``weights_only`` accepts (no NumPy arrays)."""
-    import random
-
-    import numpy as np
-
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(states["python"])
-    name, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
