@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +142,10 @@ class RunArtifacts(Callback):
     Files: ``metrics.jsonl`` (every logged number, one line per step), ``trajectories.jsonl`` (a sample of
     trajectories per step: prompt, the text with code and interpreter output, reward), ``evaluation.jsonl``
     (one line per evaluation on held-out problems) with ``eval_trajectories.jsonl`` (its greedy answers),
-    and ``policy/`` (the final policy in Hugging Face format). If the run is interrupted (Ctrl-C) or fails
-    after at least one step, the policy as it is at that moment (possibly partway through a step's updates)
-    is exported to ``policy-interrupted/`` so no finished work is lost.
+    and ``policy/`` (the final policy in Hugging Face format). If the run fails after at least one step, or is
+    interrupted at once (a second Ctrl-C, or the first where it keeps no checkpoints), the policy as it is at
+    that moment (possibly partway through a step's updates) is exported to ``policy-interrupted/`` so no
+    finished work is lost.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -183,8 +187,8 @@ class RunArtifacts(Callback):
             self.exported = exported if trainer.is_global_zero else None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if getattr(pl_module, "model", None) is None or trainer.global_step == 0:
-            return
+        if getattr(pl_module, "model", None) is None or trainer.global_step == 0 or isinstance(exception, RunStopped):
+            return  # (a run stopped on a signal has a checkpoint of its last step, and may have little time left)
         if getattr(pl_module, "shards_parameters", False):
             # Gathering the shards needs every rank, and after a failure some may be gone or stuck elsewhere.
             rank_zero_warn(
@@ -196,14 +200,29 @@ class RunArtifacts(Callback):
             self.exported = pl_module.export(self.run_dir / "policy-interrupted")  # type: ignore[operator]
 
 
+class RunStopped(Exception):
+    """A run stopped on a signal (Ctrl-C's SIGINT, a scheduler's SIGTERM) at the end of a step, with a checkpoint
+    of that step written: ``retool fit --resume`` continues it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
+        super().__init__(f"stopped on {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
 class RunCheckpoints(ModelCheckpoint):
     """Resumable checkpoints in the run directory: every ``every`` steps and at the end, the newest ``keep`` kept.
 
     Each is ``checkpoints/step=N.ckpt`` (``last.ckpt`` links to the newest), the whole state a run continues
     from (``retool fit --resume RUN_DIR``):
-    weights and optimizers, the step, the data position, every random stream. Lightning writes each file to a
-    temporary name and renames it, so a run killed while writing leaves the previous ones intact.
+    weights and optimizers, the step, the data position, every random stream. Each file is written to a
+    temporary name and renamed, so a run killed while writing leaves the previous ones intact.
+
+    While the run trains, SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption notice) stop it at the end of the
+    step under way, with a checkpoint of that step (:class:`RunStopped`); a second Ctrl-C stops it at once, as
+    an interrupted run without a checkpoint. Every process decides together: one signalled process stops all.
     """
+
+    STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, run_dir: str | Path, every: int, keep: int) -> None:
         super().__init__(
@@ -219,6 +238,55 @@ class RunCheckpoints(ModelCheckpoint):
             save_on_train_epoch_end=False,
         )
         self.keep = keep
+        self.stop_signal: int | None = None
+        self._handlers: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # After Lightning's own SIGTERM handler is in place (it would stop the run without a checkpoint, and
+        # broadcasts from inside the handler, which a process busy in another collective can deadlock on).
+        if threading.current_thread() is threading.main_thread():
+            self.stop_signal = None
+            for signum in self.STOP_SIGNALS:
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            if self._rank_zero:
+                sys.stderr.write(
+                    f"\n{signal.Signals(signum).name}: stopping at the end of this step with a checkpoint "
+                    f"(then: retool fit --resume {Path(self.dirpath or '.').parent}); Ctrl-C again stops now "
+                    "without one\n"
+                )
+                sys.stderr.flush()
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now (Lightning's interrupted run)
+
+    @property
+    def _rank_zero(self) -> bool:
+        return rank_zero_only.rank == 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stop = self.stop_signal is not None
+        if trainer.world_size > 1:  # every step, so that all processes stop at the same one
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        raise RunStopped(self.stop_signal or signal.SIGTERM, trainer.global_step, self._last_checkpoint_saved)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # Written under a temporary name in the same folder, then renamed: a name step=N.ckpt is a whole file.
@@ -241,11 +309,13 @@ class RunCheckpoints(ModelCheckpoint):
             left.unlink(missing_ok=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
+        # Before Lightning's own end-of-training save, which, where this process has saved nothing yet (a run
+        # shorter than checkpoint_every, a resumed one), would write a whole file as last.ckpt and no step=N.ckpt.
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step and not trainer.interrupted:
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)  # last.ckpt follows
+        super().on_train_end(trainer, pl_module)
 
 
 def checkpoint_step(path: Path) -> int:

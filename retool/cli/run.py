@@ -56,7 +56,8 @@ class RunSetup:
 
 
 def cmd_fit(args: list[str], blocked: Sequence[str]) -> int:
-    """``retool fit``: train with a recipe; 0 when it finished, 130 when interrupted (Ctrl-C)."""
+    """``retool fit``: train with a recipe; 0 when it finished, 130 when interrupted (Ctrl-C), 128 + the signal's
+    number when a signal stopped it at the end of a step (130 for SIGINT, 143 for SIGTERM)."""
     found = plugin_registry.discover(blocked)
     if wants_help(args):
         build_parser("retool fit").print_help()
@@ -227,6 +228,9 @@ def _build_trainer(
         and cfg.checkpoint_every > 0
     ):
         callbacks.append(RunCheckpoints(run_dir, every=cfg.checkpoint_every, keep=max(cfg.keep_checkpoints, 1)))
+    if resume is not None:  # Lightning's warnings about a folder that has files: a resumed run means to continue them
+        for folder in ("Experiment logs directory", "Checkpoint directory"):
+            warnings.filterwarnings("ignore", message=f"{folder} .* exists and is not empty")
     if trainer_kwargs.get("logger") in (None, True):
         header, rows = read_csv_rows(run_dir, resume.step) if resume is not None else ([], [])
         csv_logger = CSVLogger(save_dir=run_dir, name="csv", version="")
@@ -305,9 +309,11 @@ def _check_strategy(trainer: Any) -> None:
 
 
 def _fit(run: RunSetup, parsed: ParsedRecipe, resume: Resume | None = None) -> int:
+    from retool.callbacks import RunStopped
     from retool.policy import PolicyLoadError
 
     algorithm, trainer, console = run.algorithm, run.trainer, run.console
+    stopped: RunStopped | None = None
     # One module goes through up to three stages (evaluate, train, evaluate): its executor, reward workers and
     # rollout engine stay open across them and are closed once, at the end, however the run ends.
     algorithm.keep_resources_open = True
@@ -326,6 +332,8 @@ def _fit(run: RunSetup, parsed: ParsedRecipe, resume: Resume | None = None) -> i
     except PolicyLoadError as exc:
         print_error(str(exc))
         return 1
+    except RunStopped as exc:
+        stopped = exc
     except SystemExit:
         # Lightning shuts down gracefully on Ctrl-C, then exits; finish our report before we do.
         if not trainer.interrupted:
@@ -335,6 +343,11 @@ def _fit(run: RunSetup, parsed: ParsedRecipe, resume: Resume | None = None) -> i
     if run.table.history:
         console.print(run.table.summary())
     _print_evaluations(run)
+    if stopped is not None:  # a signal, at the end of a step: 128 + its number, as a shell reports it
+        # soft_wrap: paths stay whole, to be copied
+        console.print(f"[yellow]{stopped}; checkpoint: {stopped.checkpoint}[/]", soft_wrap=True)
+        console.print(f"continue with: [cyan]retool fit --resume {run.run_dir}[/]", soft_wrap=True)
+        return 128 + stopped.signum
     if trainer.interrupted:
         exported = run.artifacts.exported
         where = f"; the policy as it was is in {exported}" if exported else ""

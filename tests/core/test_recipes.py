@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from retool import Algorithm, ProblemDataModule
+from retool.algorithm import PolicyGradient
 from retool.cli.recipe import build_parser, check_recipe, load_recipe
 from retool.plugins import discover
 
@@ -34,3 +35,5 @@ def test_recipe_instantiates(path: Path) -> None:
     for section in ("rollout", "executor", "reward"):
         assert getattr(init.algorithm, section) is getattr(init, section)  # the core linked them in
     assert init.algorithm.policy is init.policy
+    if isinstance(init.algorithm, PolicyGradient):  # an RL run lasts: it keeps checkpoints (retool fit --resume)
+        assert cfg.checkpoint_every > 0 and cfg.trainer.enable_checkpointing is not False
