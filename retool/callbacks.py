@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -289,11 +290,15 @@ class RunCheckpoints(ModelCheckpoint):
         self._handlers = {}
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        # Written under a temporary name in the same folder, then renamed: a name step=N.ckpt is a whole file.
-        # (Lightning's own transaction writes a temporary file elsewhere and copies it over: not atomic.)
+        # Written under a temporary name in the same folder, then renamed: a name step=N.ckpt is a whole
+        # checkpoint. (Lightning's own transaction writes a temporary file elsewhere and copies it over: not
+        # atomic.) Under a sharding strategy the checkpoint is a folder that every process writes its shards
+        # into (a shared file system, as for any multi-node checkpoint); its rename waits for all of them.
         partial = f"{filepath}.partial"
         super()._save_checkpoint(trainer, partial)
+        trainer.strategy.barrier("retool-checkpoint-written")
         if trainer.is_global_zero:
+            _remove(Path(filepath))  # a resumed run retaking a step's name
             os.replace(partial, filepath)
             self._prune(Path(filepath).parent)
         trainer.strategy.barrier("retool-checkpoint")
@@ -304,9 +309,9 @@ class RunCheckpoints(ModelCheckpoint):
         left half done."""
         saved = sorted((p for p in folder.glob("step=*.ckpt") if checkpoint_step(p) >= 0), key=checkpoint_step)
         for old in saved[: -self.keep]:
-            old.unlink(missing_ok=True)
+            _remove(old)
         for left in folder.glob("*.partial"):
-            left.unlink(missing_ok=True)
+            _remove(left)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before Lightning's own end-of-training save, which, where this process has saved nothing yet (a run
@@ -316,6 +321,21 @@ class RunCheckpoints(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)  # last.ckpt follows
         super().on_train_end(trainer, pl_module)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint: a file, or a sharded checkpoint's folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sharded_checkpoint_complete(path: Path) -> bool:
+    """Whether the folder ``path`` is a whole sharded checkpoint: PyTorch's distributed checkpoint (FSDP2)
+    writes its index ``.metadata`` after every shard, and Lightning its ``meta.pt`` after that; DeepSpeed
+    writes ``latest`` after every process has saved."""
+    return ((path / ".metadata").is_file() and (path / "meta.pt").is_file()) or (path / "latest").is_file()
 
 
 def checkpoint_step(path: Path) -> int:

@@ -127,6 +127,39 @@ class FSDP2Strategy(ModelParallelStrategy):
             state = {name: whole(value).cpu() for name, value in module.state_dict().items()}
         return _tie_shared(module, state)
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading, but a sharded checkpoint (a folder: every process reads its own shards) may lack
+        the modules the algorithm rebuilds rather than saves (``frozen_prefixes``: a KL reference model)."""
+        from pathlib import Path
+
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        module = self.lightning_module
+        assert module is not None
+        frozen = tuple(getattr(module, "frozen_prefixes", tuple)())
+        state = get_model_state_dict(module)
+        saved = {name: value for name, value in state.items() if not name.startswith(frozen) or not frozen}
+        load({"state_dict": saved}, checkpoint_id=path)
+        state.update(saved)  # the frozen modules keep the weights they were rebuilt with
+        module.load_state_dict(state, strict=True)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(
+                module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
+            )
+        return torch.load(path / "meta.pt", weights_only=weights_only)
+
     @contextlib.contextmanager
     def gradient_sync(self, module: torch.nn.Module, enabled: bool) -> Iterator[None]:
         """Backward passes inside reduce-scatter their gradients only if ``enabled`` (the optimizer step's last
@@ -181,6 +214,8 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
             raise ValueError(f"retool runs ZeRO stage 2 or 3, got stage {stage}")
         # DeepSpeed's batch size only feeds its throughput logs; Lightning would read it from the data loader.
         kwargs.setdefault("logging_batch_size_per_gpu", 1)
+        # A checkpoint leaves out the frozen modules (a KL reference model): the algorithm rebuilds them.
+        kwargs.setdefault("exclude_frozen_parameters", True)
         super().__init__(stage=stage, **kwargs)
         self.stage = stage
         self._hold_weights = False
@@ -266,6 +301,43 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
             yield
         finally:
             self._hold_weights = False
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Lightning's saving (every process writes its shards into the folder ``filepath``) without the frozen
+        modules the algorithm rebuilds (``frozen_prefixes``). DeepSpeed's ``exclude_frozen_parameters`` alone
+        keeps a frozen tied weight under its second name (a reference model's ``lm_head``, the size of its
+        embedding matrix)."""
+        module = self.deepspeed_engine.module
+        frozen = tuple(getattr(self.lightning_module, "frozen_prefixes", tuple)())
+        if not frozen:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        everything = module.state_dict
+
+        def without_frozen(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            state = everything(*args, **kwargs)
+            for name in [name for name in state if name.startswith(frozen)]:
+                del state[name]
+            return state
+
+        module.state_dict = without_frozen  # what DeepSpeed's engine calls for the module's weights
+        try:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+        finally:
+            del module.state_dict  # the class's method again
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading (DeepSpeed's engine reads its own shards), not strict about the modules the
+        algorithm rebuilds rather than saves (``frozen_prefixes``: a KL reference model), which the checkpoint
+        leaves out (``exclude_frozen_parameters``)."""
+        module = self.lightning_module
+        if module is None or not tuple(getattr(module, "frozen_prefixes", tuple)()):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        strict = module.strict_loading
+        module.strict_loading = False
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        finally:
+            module.strict_loading = strict
 
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         if self._hold_weights:

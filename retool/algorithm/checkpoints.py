@@ -31,7 +31,9 @@ class Checkpoints(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_prefixes()
-        if frozen:  # the rebuilt modules' weights, so that loading stays strict for everything else
+        # The rebuilt modules' weights, so that loading stays strict for everything else. (A sharded checkpoint's
+        # weights are not in this dictionary: the strategy loaded them itself.)
+        if frozen and "state_dict" in checkpoint:
             state = checkpoint["state_dict"]
             state.update({k: v for k, v in self.state_dict().items() if k.startswith(frozen)})
         saved = checkpoint.get("retool")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retool.callbacks import checkpoint_step
+from retool.callbacks import checkpoint_step, sharded_checkpoint_complete
 from retool.cli._common import ConfigError
 
 EXTENDS = ("trainer.max_steps", "checkpoint_every", "keep_checkpoints")
@@ -84,7 +84,10 @@ def find_resume(run_dir: Path) -> Resume:
 
 
 def _complete(path: Path) -> bool:
-    """Whether ``path`` is a whole ``torch.save`` file: a zip archive whose directory (written last) reads back."""
+    """Whether ``path`` is a whole checkpoint: a ``torch.save`` file is a zip archive whose directory (written
+    last) reads back; a sharded one is a folder (see :func:`retool.callbacks.sharded_checkpoint_complete`)."""
+    if path.is_dir():
+        return sharded_checkpoint_complete(path)
     try:
         with zipfile.ZipFile(path) as archive:
             return bool(archive.namelist())

@@ -274,3 +274,64 @@ def test_a_run_saves_its_last_step_however_short_and_a_resumed_run_goes_on_savin
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step=2.ckpt", "step=3.ckpt"]
     assert (folder / "last.ckpt").resolve() == folder / "step=3.ckpt"
     assert [s["step"] for s in steps(run)] == [1, 2, 3]
+
+
+def sharded_recipe(tmp_path: Path, model: Path, strategy: str) -> Path:
+    path = tmp_path / f"{strategy}.yaml"
+    path.write_text(
+        f"""seed_everything: 0
+checkpoint_every: 2
+trainer: {{max_steps: 4, accelerator: cpu, devices: 2, strategy: {strategy}}}
+policy: {{name_or_path: {model}}}
+algorithm:
+  class_path: GRPO
+  init_args: {{lr: 1.0e-3, micro_batch_size: 3, group_size: 2, kl_coef: 0.01}}
+rollout: {{class_path: HFRollout, init_args: {{max_new_tokens: 12, tools: false, temperature: 1.0}}}}
+reward: {{class_path: ParityReward}}
+data: {{class_path: CountedProblems, init_args: {{batch_size: 4}}}}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_stage_2", "deepspeed_stage_3"])
+def test_a_sharded_run_stopped_and_resumed_ends_as_the_uninterrupted_one(
+    model: Path, tmp_path: Path, strategy: str
+) -> None:
+    # Two processes, each holding a share of the optimizer state (and under fsdp2 and ZeRO-3 of the weights):
+    # the checkpoint is a folder of shards, every process writing its own, the KL reference model left out.
+    # SIGTERM reaches the first process only (as `kill PID` would): both stop after the same step.
+    path = sharded_recipe(tmp_path, model, strategy)
+    fit(path, tmp_path / "whole")
+    run = tmp_path / "stopped"
+    proc = start(path, run)
+    wait_for_steps(proc, run, 1)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-2000:]
+    last = len(steps(run))
+    checkpoint = run / "checkpoints" / f"step={last}.ckpt"
+    assert last < 4 and checkpoint.is_dir() and f"stopped on SIGTERM after step {last}" in out
+    assert saved_names(checkpoint) and not any(name.startswith("ref_model.") for name in saved_names(checkpoint))
+    done = retool_fit("--resume", str(run))
+    assert f"resuming after step {last} from" in done.stdout
+    same_steps(steps(tmp_path / "whole"), steps(run))  # bit for bit, the KL to the rebuilt reference included
+    same_weights(tmp_path / "whole", run)
+    kept = sorted({2, last, 4})[-2:]  # the newest two of what both runs saved
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", *(f"step={s}.ckpt" for s in kept)]
+
+
+def saved_names(checkpoint: Path) -> set[str]:
+    """The names of the tensors a sharded checkpoint holds (PyTorch's distributed checkpoint, or DeepSpeed's)."""
+    if (checkpoint / ".metadata").is_file():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        return {k.removeprefix("state_dict.") for k in keys if k.startswith("state_dict.")}
+    names: set[str] = set()
+    for part in (checkpoint / "checkpoint").glob("*model_states.pt"):
+        state = torch.load(part, weights_only=False)
+        names |= set(state["module"]) | set(state.get("frozen_param_fragments") or {})
+    return names
