@@ -68,9 +68,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from _tables import print_table  # benchmarks/_tables.py (the script's own folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from retool._async import run_sync
 from retool.policy import Policy
@@ -495,21 +495,6 @@ def verdict(value: float | None, target: float, higher_is_better: bool = True) -
         return "n/a"
     ok = value >= target if higher_is_better else value <= target
     return "[green]pass[/]" if ok else "[red]miss[/]"
-
-
-def print_table(console: Console, title: str, header: list[str], body: list[list[str]], markdown: bool) -> None:
-    """Print a rich table, and with ``markdown`` the same rows as a Markdown table (for the docs)."""
-    table = Table(title=title)
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for line in body:
-        table.add_row(*line)
-    console.print(table)
-    if markdown:
-        plain = [[Text.from_markup(cell).plain for cell in line] for line in body]
-        lines = [f"| {' | '.join(header)} |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += [f"| {' | '.join(line)} |" for line in plain]
-        console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,10 +19,12 @@ from typing import Any
 import lightning as L
 import torch
 
+from retool import distributed
 from retool._async import run_sync
 from retool.algorithm.batch import PolicyBatch
 from retool.algorithm.checkpoints import Checkpoints
 from retool.algorithm.evaluation import Evaluation
+from retool.algorithm.packing import packed_logprobs, supports_packing
 from retool.algorithm.processes import Processes
 from retool.executor import Executor
 from retool.policy import Policy
@@ -48,6 +50,16 @@ class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
         max_grad_norm: Clip the global gradient norm to this (0 = no clipping; the norm is logged either way).
         micro_batch_size: Sequences per forward/backward pass of each process (gradient accumulation); lower it to
             save memory.
+        max_tokens_per_micro_batch: Form each process's forward/backward passes by tokens instead: as many
+            sequences as fit in this many tokens (prompt and response; at least one sequence a pass). ``None``:
+            ``micro_batch_size`` sequences a pass.
+        pack_sequences: Pack a pass's sequences into one row without padding (attention stays within each
+            sequence) and compute the response tokens' log-probs ``logprob_chunk_tokens`` at a time, never the
+            whole ``(tokens, vocabulary)`` logits. ``False``: the padded path (every row padded to the longest
+            prompt plus the longest response). Models whose attention or logits the packed pass cannot reproduce
+            (sliding windows, soft-capped logits) take the padded path either way.
+        logprob_chunk_tokens: Positions whose logits exist at once in the packed path (the peak memory of the
+            language-model head grows with it, not with the sequence).
         eval_every: Evaluate on the dataset's ``val`` problems every this many steps. A run that evaluates at
             all (``eval_every > 0`` or ``eval_at_start``) also evaluates at its end; with both off, only
             ``retool validate`` does. See :meth:`validation_step`.
@@ -74,6 +86,9 @@ class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         max_grad_norm: float = 1.0,
         micro_batch_size: int = 4,
+        max_tokens_per_micro_batch: int | None = None,
+        pack_sequences: bool = True,
+        logprob_chunk_tokens: int = 1024,
         eval_every: int = 0,
         eval_samples: int = 0,
         eval_at_start: bool = False,
@@ -86,6 +101,10 @@ class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
         super().__init__()
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
+            raise ValueError(f"max_tokens_per_micro_batch must be >= 1 or null, got {max_tokens_per_micro_batch}")
+        if logprob_chunk_tokens < 1:
+            raise ValueError(f"logprob_chunk_tokens must be >= 1, got {logprob_chunk_tokens}")
         if eval_every < 0 or eval_samples < 0:
             raise ValueError(f"eval_every and eval_samples must be >= 0, got {eval_every} and {eval_samples}")
         if eval_batch_size is not None and eval_batch_size < 1:
@@ -96,6 +115,9 @@ class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
         self.betas = tuple(betas)
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.pack_sequences = pack_sequences
+        self.logprob_chunk_tokens = logprob_chunk_tokens
         self.eval_every = eval_every
         self.eval_samples = eval_samples
         self.eval_at_start = eval_at_start
@@ -265,6 +287,33 @@ class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
             # Same path as LightningOptimizer.step (strategy -> precision -> optimizer) minus the step count.
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
 
+    def micro_batches(self, batch: PolicyBatch, index: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The rows ``index`` of ``batch`` (default: all, in order) split into forward/backward passes:
+        ``micro_batch_size`` rows each, or, with ``max_tokens_per_micro_batch``, consecutive rows while their real
+        tokens fit (a row longer than the budget is a pass of its own)."""
+        index = torch.arange(batch.size) if index is None else index
+        if self.max_tokens_per_micro_batch is None:
+            return list(index.split(self.micro_batch_size))
+        lengths = batch.attention_mask[index].sum(1).tolist()
+        passes: list[list[int]] = []
+        used = 0
+        for row, length in zip(index.tolist(), lengths):
+            if not passes or used + length > self.max_tokens_per_micro_batch:
+                passes.append([])
+                used = 0
+            passes[-1].append(row)
+            used += length
+        return [torch.tensor(rows, dtype=torch.long) for rows in passes]
+
+    def lockstep(self, passes: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """``passes``, followed where passes are collectives (:attr:`lockstep_passes`) by ``None`` entries up to
+        the most any rank has: a rank runs a placeholder pass for each (token budgets give ranks different
+        numbers of passes)."""
+        if not self.lockstep_passes:
+            return list(passes)
+        most = int(distributed.max_across({"passes": float(len(passes))})["passes"])
+        return [*passes, *([None] * (most - len(passes)))]
+
     def sequence_logprobs(
         self,
         model: torch.nn.Module,
@@ -278,6 +327,12 @@ class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
         Logits are divided by ``temperature``, by default the rollout's, so the trainer scores the
         distribution that sampled (supervised training passes 1).
         """
+        if temperature is None:
+            temperature = self.rollout.temperature if self.rollout is not None else 1.0
+        if self.pack_sequences and supports_packing(model):
+            return packed_logprobs(
+                model, batch, temperature, with_entropy, entropy_grad, self.logprob_chunk_tokens, self.device
+            )
         width = batch.response_width
         device = self.device
         input_ids = batch.input_ids.to(device)
@@ -285,8 +340,6 @@ class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1)
         logits = out.logits[:, :-1, :].float()
-        if temperature is None:
-            temperature = self.rollout.temperature if self.rollout is not None else 1.0
         if temperature > 0:
             logits = logits / temperature
         targets = input_ids[:, -width:]

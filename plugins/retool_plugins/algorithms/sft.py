@@ -95,12 +95,10 @@ class SFT(Algorithm):
             tokens = float(batch.response_mask.sum())
         # The loss is the mean over every rank's tokens, so N processes take the step one process would.
         token_count = self.token_normalizer(tokens)
-        parts = [batch.select(m) for m in torch.arange(batch.size).split(self.micro_batch_size)] if usable else []
-        if self.lockstep_passes:
-            # Every pass is a collective (FSDP2, DeepSpeed): a rank with fewer usable traces runs passes that
-            # teach nothing (no model-written token) until it has run as many as the rank with the most.
-            most = int(distributed.max_across({"passes": float(len(parts))})["passes"])
-            parts += [PolicyBatch.placeholder(pad)] * (most - len(parts))
+        # Every pass is a collective under FSDP2 and DeepSpeed: a rank with fewer passes (fewer usable traces, or
+        # shorter ones under a token budget) runs passes that teach nothing until it has run as many as the most.
+        passes = self.lockstep(self.micro_batches(batch) if usable else [])
+        parts = [batch.select(m) if m is not None else PolicyBatch.placeholder(pad) for m in passes]
         if parts:
             self.model.train()
             for k, part in enumerate(parts):

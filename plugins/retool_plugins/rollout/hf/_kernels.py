@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from retool.algorithm.packing import VARLEN_ATTENTION
+
 GROUPED_ATTENTION = "retool_grouped"  # the name under which grouped_attention is registered with transformers
 
 
@@ -46,7 +48,9 @@ def supports_grouped_attention(model: torch.nn.Module) -> bool:
     its own 2-D masks), without logit soft-capping, through transformers' attention interface.
     """
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", GROUPED_ATTENTION):
+    # retool_varlen: a model the trainer packs sequences for, which is SDPA outside its packed passes.
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", GROUPED_ATTENTION,
+                                                                                VARLEN_ATTENTION):  # fmt: skip
         return False
     if any(getattr(config, name, None) for name in ("attn_logit_softcapping", "attention_chunk_size")):
         return False
