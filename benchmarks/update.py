@@ -15,7 +15,11 @@ paths run retool's own code and differ only in ``pack_sequences``:
     longest response, ``(rows, response width, vocabulary)`` float32 logits;
 (b) packed (``pack_sequences: true``): the real tokens of the micro-batch's rows in one row, attention within
     each trajectory, the head's log-probs ``logprob_chunk_tokens`` positions at a time (logits recomputed in the
-    backward pass).
+    backward pass);
+(c) packed+ckpt: (b) with the policy's ``gradient_checkpointing`` on (each decoder layer recomputed in the
+    backward pass instead of keeping its activations).
+
+A path that runs out of memory (the kernel's out-of-memory killer ends its process) is reported as such.
 
 The trajectories are synthetic (random token ids: the cost does not depend on which tokens they are), with an
 interpreter block (loss mask 0) in the middle of every response, at two shapes:
@@ -45,6 +49,10 @@ from typing import Any
 
 from _tables import print_table  # benchmarks/_tables.py (the script's own folder is on sys.path)
 from rich.console import Console
+
+PATHS = ("padded", "packed", "packed+ckpt")
+"""The paths compared: padded (``pack_sequences: false``), packed, and packed with the policy's
+``gradient_checkpointing`` on."""
 
 SHAPES = {
     # (prompt tokens, response tokens) of each of the 8 trajectories
@@ -116,7 +124,7 @@ class PeakMemory:
         return self.peak - self.base
 
 
-def run_one(shape: str, packed: bool, repeats: int, micro_batch_size: int, chunk: int) -> dict[str, Any]:
+def run_one(shape: str, path: str, repeats: int, micro_batch_size: int, chunk: int) -> dict[str, Any]:
     """One (shape, path) in this process: load, warm the optimizer, one update measured for memory, then timed."""
     import gc
 
@@ -129,7 +137,8 @@ def run_one(shape: str, packed: bool, repeats: int, micro_batch_size: int, chunk
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    model = Policy("smollm2-135m-instruct").load_model().to(device)
+    packed = path != "padded"
+    model = Policy("smollm2-135m-instruct", gradient_checkpointing=path == "packed+ckpt").load_model().to(device)
     algo = GRPO(micro_batch_size=micro_batch_size, pack_sequences=packed, logprob_chunk_tokens=chunk)
     algo.model = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -167,7 +176,7 @@ def run_one(shape: str, packed: bool, repeats: int, micro_batch_size: int, chunk
     times = [update() for _ in range(repeats)]
     return {
         "shape": shape,
-        "path": "packed" if packed else "padded",
+        "path": path,
         "tokens": tokens,
         "padded_tokens": padded_tokens,
         "first_s": first,
@@ -178,14 +187,48 @@ def run_one(shape: str, packed: bool, repeats: int, micro_batch_size: int, chunk
     }
 
 
-def in_subprocess(shape: str, packed: bool, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--one", shape, "--packed" if packed else "--padded",
+def in_subprocess(shape: str, path: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """One (shape, path) in a fresh process; ``None`` if it ran out of memory (the table says so)."""
+    command = [sys.executable, __file__, "--one", shape, "--path", path,
                "--repeats", str(args.repeats), "--micro-batch-size", str(args.micro_batch_size),
                "--chunk", str(args.chunk)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode == -9:  # the kernel's out-of-memory killer
+        return None
     if done.returncode != 0:
-        raise RuntimeError(f"{shape}/{'packed' if packed else 'padded'} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{shape}/{path}: exit status {done.returncode}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def matmul_rate() -> float:
+    """This machine's float32 matrix-product rate (GFLOP/s), median over the shapes of SmolLM2-135M's update."""
+    import statistics
+
+    import torch
+
+    rates = []
+    for m, k, n in [(2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (1024, 576, 49152)]:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        rates.append(2 * m * k * n * 10 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def floor_tokens_per_s(shape: str, gflops: float) -> float:
+    """The update's tokens/s if every FLOP of its forward and backward passes ran at ``gflops``: 6 FLOPs per
+    parameter per token for SmolLM2-135M's 30 decoder layers (106.2M parameters, the embedding excluded), 6 per
+    head parameter per scored (response) token, and 6 L^2 d per layer for causal attention over a trajectory of
+    L tokens; the optimizer step and everything else for free."""
+    layers, d, vocab, layer_params = 30, 576, 49_152, 3_538_944
+    tokens = sum(p + r for p, r in SHAPES[shape])
+    scored = sum(r for _, r in SHAPES[shape])
+    attention = sum(6 * (p + r) ** 2 * d * layers for p, r in SHAPES[shape])
+    flops = 6 * layers * layer_params * tokens + 6 * d * vocab * scored + attention
+    return tokens / (flops / (gflops * 1e9))
 
 
 def gib(n: int) -> str:
@@ -201,40 +244,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny shape, one timed update")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
-    group.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, args.packed, args.repeats, args.micro_batch_size, args.chunk)))
+        print(json.dumps(run_one(args.one, args.path, args.repeats, args.micro_batch_size, args.chunk)))
         return 0
 
     console = Console()
     shapes = ["quick"] if args.quick else args.shapes.split(",")
     if args.quick:
         args.repeats = 1
-    header = ["shape", "tokens (padded)", "padded tok/s", "packed tok/s", "speed-up", "padded memory",
-              "packed memory", "memory ratio"]  # fmt: skip
+    header = ["shape", "tokens (padded)", "path", "tokens/s", "vs padded", "update memory", "vs padded"]
     body = []
     device = ""
     for shape in shapes:
-        padded = in_subprocess(shape, False, args)
-        packed = in_subprocess(shape, True, args)
-        device = packed["device"]
-        body.append([
-            shape,
-            f"{padded['tokens']} ({padded['padded_tokens']})",
-            f"{padded['tokens_per_s']:.0f}",
-            f"{packed['tokens_per_s']:.0f}",
-            f"{packed['tokens_per_s'] / padded['tokens_per_s']:.2f}x",
-            gib(padded["update_memory"]),
-            gib(packed["update_memory"]),
-            f"{packed['update_memory'] / max(padded['update_memory'], 1):.2f}",
-        ])  # fmt: skip
+        results = {path: in_subprocess(shape, path, args) for path in PATHS}
+        base = results["padded"]
+        for path, result in results.items():
+            if result is None:
+                body.append([shape, "", path, "out of memory", "-", "-", "-"])
+                continue
+            device = result["device"]
+            speed = f"{result['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+            memory = f"{result['update_memory'] / max(base['update_memory'], 1):.2f}" if base else "-"
+            body.append([
+                shape if path == "padded" else "",
+                f"{result['tokens']} ({result['padded_tokens']})" if path == "padded" else "",
+                path, f"{result['tokens_per_s']:.0f}", speed, gib(result["update_memory"]), memory,
+            ])  # fmt: skip
+    rate = matmul_rate()
+    for shape in shapes:
+        if shape in ("quickstart", "long"):
+            body.append([shape, "", "floor", f"{floor_tokens_per_s(shape, rate):.0f}", "", "", ""])
     one, five, _ = os.getloadavg()
     title = (
         f"The update, SmolLM2-135M-Instruct fp32, {device}; micro-batch {args.micro_batch_size} rows, chunk "
-        f"{args.chunk}, best of {args.repeats}; load average {one:.2f}, {five:.2f}"
+        f"{args.chunk}, best of {args.repeats}; matmul {rate:.0f} GFLOP/s (floor: FLOPs at that rate); load average "
+        f"{one:.2f}, {five:.2f}"
     )
     print_table(console, title, header, body, args.markdown)
     return 0
