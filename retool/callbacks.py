@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +183,16 @@ class RunArtifacts(Callback):
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Every rank exports (a sharded policy is gathered from all of them); rank 0 writes.
-        if getattr(pl_module, "model", None) is not None and not trainer.interrupted:
+        # Every rank exports (a sharded policy is gathered from all of them); rank 0 writes. Not a run a signal
+        # stopped: it has a checkpoint to go on from, is not finished, and may have little time left.
+        stopped = any(getattr(c, "stopped", None) for c in trainer.callbacks)  # type: ignore[attr-defined]
+        if getattr(pl_module, "model", None) is not None and not trainer.interrupted and not stopped:
             exported = pl_module.export(self.run_dir / "policy")  # type: ignore[operator]
             self.exported = exported if trainer.is_global_zero else None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if getattr(pl_module, "model", None) is None or trainer.global_step == 0 or isinstance(exception, RunStopped):
-            return  # (a run stopped on a signal has a checkpoint of its last step, and may have little time left)
+        if getattr(pl_module, "model", None) is None or trainer.global_step == 0:
+            return
         if getattr(pl_module, "shards_parameters", False):
             # Gathering the shards needs every rank, and after a failure some may be gone or stuck elsewhere.
             rank_zero_warn(
@@ -201,13 +204,17 @@ class RunArtifacts(Callback):
             self.exported = pl_module.export(self.run_dir / "policy-interrupted")  # type: ignore[operator]
 
 
-class RunStopped(Exception):
-    """A run stopped on a signal (Ctrl-C's SIGINT, a scheduler's SIGTERM) at the end of a step, with a checkpoint
-    of that step written: ``retool fit --resume`` continues it."""
+@dataclass(frozen=True)
+class RunStopped:
+    """How a run that a signal (Ctrl-C's SIGINT, a scheduler's SIGTERM) stopped at the end of a step ended: the
+    signal, the step, and the checkpoint of that step that ``retool fit --resume`` continues from."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
-        super().__init__(f"stopped on {signal.Signals(signum).name} after step {step}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+    signum: int
+    step: int
+    checkpoint: str | None
+
+    def __str__(self) -> str:
+        return f"stopped on {signal.Signals(self.signum).name} after step {self.step}"
 
 
 class RunCheckpoints(ModelCheckpoint):
@@ -219,7 +226,8 @@ class RunCheckpoints(ModelCheckpoint):
     temporary name and renamed, so a run killed while writing leaves the previous ones intact.
 
     While the run trains, SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption notice) stop it at the end of the
-    step under way, with a checkpoint of that step (:class:`RunStopped`); a second Ctrl-C stops it at once, as
+    step under way (its metrics logged, an evaluation due after it run), with a checkpoint of that step
+    (:attr:`stopped`, a :class:`RunStopped`); a second Ctrl-C stops it at once, as
     an interrupted run without a checkpoint. Every process decides together: one signalled process stops all.
     """
 
@@ -240,6 +248,7 @@ class RunCheckpoints(ModelCheckpoint):
         )
         self.keep = keep
         self.stop_signal: int | None = None
+        self.stopped: RunStopped | None = None
         self._handlers: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -277,11 +286,16 @@ class RunCheckpoints(ModelCheckpoint):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return  # the last step: the run ends as a finished one
         if self._last_global_step_saved != trainer.global_step:
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
-        raise RunStopped(self.stop_signal or signal.SIGTERM, trainer.global_step, self._last_checkpoint_saved)
+        # Lightning ends the fit after this step as after its last: the step's metrics reach the loggers, and an
+        # evaluation due after it runs (a resumed run would skip it).
+        trainer.should_stop = True
+        self.stopped = RunStopped(self.stop_signal or signal.SIGTERM, trainer.global_step, self._last_checkpoint_saved)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,6 +134,13 @@ def cut_run_files(run_dir: Path, step: int) -> None:
             path.write_text("".join(kept), encoding="utf-8")
 
 
+def _logged_before(logger_step: int, names: Sequence[str], step: int) -> bool:
+    """Whether a logger row (Lightning's step, and the metric names it holds) was written before the run's
+    ``step``-th checkpoint. Lightning logs RL step k's training numbers at logger step k - 1 and the evaluation
+    that follows step k at logger step k."""
+    return logger_step < step or (logger_step == step and all(name.startswith("eval/") for name in names))
+
+
 def read_csv_rows(run_dir: Path, step: int) -> tuple[list[str], list[dict[str, str]]]:
     """The CSV logger's header and its rows up to ``step`` (Lightning's logger deletes the file when it starts
     in a directory that has one: the caller writes these back)."""
@@ -141,5 +149,38 @@ def read_csv_rows(run_dir: Path, step: int) -> tuple[list[str], list[dict[str, s
         return [], []
     with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
-        rows = [row for row in reader if not row.get("step") or int(float(row["step"])) < step]
+        rows = [row for row in reader if not row.get("step") or _logged_before(*_csv_row(row), step)]
         return list(reader.fieldnames or []), rows
+
+
+def _csv_row(row: dict[str, str]) -> tuple[int, list[str]]:
+    """A CSV logger row's step and the names of the metrics it holds."""
+    return int(float(row["step"])), [name for name, value in row.items() if value and name not in ("step", "epoch")]
+
+
+def cut_tensorboard(run_dir: Path, step: int) -> None:
+    """Drop from the run's TensorBoard event files every value logged after the ``step``-th checkpoint (the run
+    that was stopped may have logged later steps, which the resumed run logs again)."""
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:  # no TensorBoard, no event files to cut
+        return
+    for path in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
+        kept, dropped = [], 0
+        for raw in RawEventFileLoader(str(path)).Load():
+            event = event_pb2.Event.FromString(raw)
+            names = [value.tag for value in event.summary.value]
+            if names and not _logged_before(event.step, names, step):
+                dropped += 1
+            else:
+                kept.append(raw)
+        if dropped:
+            partial = path.with_name(path.name + ".partial")
+            with open(partial, "wb") as file:
+                writer = RecordWriter(file)
+                for raw in kept:
+                    writer.write(raw)
+                writer.flush()
+            os.replace(partial, path)

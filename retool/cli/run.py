@@ -22,6 +22,7 @@ from retool.cli.resume import (
     Resume,
     changed_options,
     cut_run_files,
+    cut_tensorboard,
     find_resume,
     read_csv_rows,
     resume_arguments,
@@ -309,7 +310,7 @@ def _check_strategy(trainer: Any) -> None:
 
 
 def _fit(run: RunSetup, parsed: ParsedRecipe, resume: Resume | None = None) -> int:
-    from retool.callbacks import RunStopped
+    from retool.callbacks import RunCheckpoints, RunStopped
     from retool.policy import PolicyLoadError
 
     algorithm, trainer, console = run.algorithm, run.trainer, run.console
@@ -321,19 +322,19 @@ def _fit(run: RunSetup, parsed: ParsedRecipe, resume: Resume | None = None) -> i
     if resume is not None:
         if launched_as_rank_zero():  # the steps after the checkpoint are taken again: their rows go
             cut_run_files(resume.run_dir, resume.step)
+            cut_tensorboard(resume.run_dir, resume.step)
         console.print(f"resuming after step {resume.step} from [cyan]{resume.checkpoint}[/]")
     try:
         if run.evaluates and algorithm.eval_at_start and not parsed.config.ckpt_path:  # a resumed run evaluated
             validate_all(run)
         trainer.fit(algorithm, datamodule=run.data, ckpt_path=parsed.config.ckpt_path)
+        stopped = next((c.stopped for c in trainer.callbacks if isinstance(c, RunCheckpoints) and c.stopped), None)
         last = run.table.evaluations[-1].step if run.table.evaluations else None
-        if run.evaluates and not trainer.interrupted and last != trainer.global_step:
+        if run.evaluates and not trainer.interrupted and stopped is None and last != trainer.global_step:
             validate_all(run)  # the "after" row of the run
     except PolicyLoadError as exc:
         print_error(str(exc))
         return 1
-    except RunStopped as exc:
-        stopped = exc
     except SystemExit:
         # Lightning shuts down gracefully on Ctrl-C, then exits; finish our report before we do.
         if not trainer.interrupted:

@@ -180,6 +180,9 @@ def resumed_as_uninterrupted(run: Path, whole: Path, after: int) -> None:
         if (whole / name).is_file():
             assert (whole / name).read_text() == (run / name).read_text()
     same_weights(whole, run)
+    rows, events = logger_steps(whole)
+    assert len(rows) == len(events) == 5  # one per step: steps 0-4 in Lightning's count
+    assert logger_steps(run) == (rows, events)  # the CSV and TensorBoard loggers too: every step once
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step=4.ckpt", "step=5.ckpt"]
     assert (run / "checkpoints" / "last.ckpt").resolve() == (run / "checkpoints" / "step=5.ckpt").resolve()
 
@@ -321,6 +324,21 @@ def test_a_sharded_run_stopped_and_resumed_ends_as_the_uninterrupted_one(
     same_weights(tmp_path / "whole", run)
     kept = sorted({2, last, 4})[-2:]  # the newest two of what both runs saved
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", *(f"step={s}.ckpt" for s in kept)]
+
+
+def logger_steps(run: Path, tag: str = "reward/mean") -> tuple[list[tuple[int, str]], list[tuple[int, float]]]:
+    """(step, value) of ``tag`` in the CSV logger's table and in the TensorBoard event files, in order."""
+    import csv
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    with open(run / "csv" / "metrics.csv", newline="") as file:
+        rows = [(int(float(r["step"])), r[tag]) for r in csv.DictReader(file) if r.get(tag)]
+    events = []
+    for path in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            events += [(event.step, round(v.tensor.float_val[0], 6)) for v in event.summary.value if v.tag == tag]
+    return rows, events
 
 
 def saved_names(checkpoint: Path) -> set[str]:
