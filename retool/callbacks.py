@@ -185,8 +185,7 @@ class RunArtifacts(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every rank exports (a sharded policy is gathered from all of them); rank 0 writes. Not a run a signal
         # stopped: it has a checkpoint to go on from, is not finished, and may have little time left.
-        stopped = any(getattr(c, "stopped", None) for c in trainer.callbacks)  # type: ignore[attr-defined]
-        if getattr(pl_module, "model", None) is not None and not trainer.interrupted and not stopped:
+        if getattr(pl_module, "model", None) is not None and not trainer.interrupted and not stopped_by_signal(trainer):
             exported = pl_module.export(self.run_dir / "policy")  # type: ignore[operator]
             self.exported = exported if trainer.is_global_zero else None
 
@@ -335,6 +334,11 @@ class RunCheckpoints(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)  # last.ckpt follows
         super().on_train_end(trainer, pl_module)
+
+
+def stopped_by_signal(trainer: L.Trainer) -> RunStopped | None:
+    """How a signal stopped ``trainer``'s fit (see :class:`RunCheckpoints`), or ``None`` if none did."""
+    return next((c.stopped for c in trainer.callbacks if isinstance(c, RunCheckpoints) and c.stopped), None)
 
 
 def _remove(path: Path) -> None:

@@ -145,9 +145,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().load_checkpoint(path, weights_only=weights_only)
         module = self.lightning_module
         assert module is not None
-        frozen = tuple(getattr(module, "frozen_prefixes", tuple)())
+        frozen = _frozen_prefixes(module)
         state = get_model_state_dict(module)
-        saved = {name: value for name, value in state.items() if not name.startswith(frozen) or not frozen}
+        saved = {name: value for name, value in state.items() if not name.startswith(frozen)}
         load({"state_dict": saved}, checkpoint_id=path)
         state.update(saved)  # the frozen modules keep the weights they were rebuilt with
         module.load_state_dict(state, strict=True)
@@ -173,6 +173,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         finally:
             if isinstance(module, FSDPModule):
                 module.set_requires_gradient_sync(True)
+
+
+def _frozen_prefixes(module: Any) -> tuple[str, ...]:
+    """The state-dict prefixes of the modules ``module`` (the algorithm) rebuilds rather than saves in a
+    checkpoint (:meth:`retool.Algorithm.frozen_prefixes`); none for a module without them."""
+    return tuple(getattr(module, "frozen_prefixes", tuple)())
 
 
 def _tie_shared(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -308,7 +314,7 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         keeps a frozen tied weight under its second name (a reference model's ``lm_head``, the size of its
         embedding matrix)."""
         module = self.deepspeed_engine.module
-        frozen = tuple(getattr(self.lightning_module, "frozen_prefixes", tuple)())
+        frozen = _frozen_prefixes(self.lightning_module)
         if not frozen:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         everything = module.state_dict
@@ -330,7 +336,7 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         algorithm rebuilds rather than saves (``frozen_prefixes``: a KL reference model), which the checkpoint
         leaves out (``exclude_frozen_parameters``)."""
         module = self.lightning_module
-        if module is None or not tuple(getattr(module, "frozen_prefixes", tuple)()):
+        if not _frozen_prefixes(module):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         strict = module.strict_loading
         module.strict_loading = False

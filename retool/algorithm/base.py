@@ -305,14 +305,21 @@ class Algorithm(Evaluation, Processes, Checkpoints, L.LightningModule):
             used += length
         return [torch.tensor(rows, dtype=torch.long) for rows in passes]
 
-    def lockstep(self, passes: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """``passes``, followed where passes are collectives (:attr:`lockstep_passes`) by ``None`` entries up to
-        the most any rank has: a rank runs a placeholder pass for each (token budgets give ranks different
-        numbers of passes)."""
-        if not self.lockstep_passes:
-            return list(passes)
-        most = int(distributed.max_across({"passes": float(len(passes))})["passes"])
-        return [*passes, *([None] * (most - len(passes)))]
+    def passes(
+        self, batch: PolicyBatch | None, index: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor | None, PolicyBatch]]:
+        """The forward/backward passes over the rows ``index`` of ``batch`` (:meth:`micro_batches`; ``batch``
+        ``None``: this rank has no rows), each as (its rows, their tensors). Where passes are collectives
+        (:attr:`lockstep_passes`) a rank with fewer passes than another (fewer rows, or shorter ones under a token
+        budget) gets placeholder passes, (``None``, a row with nothing to learn), up to the most any rank has."""
+        parts: list[tuple[torch.Tensor | None, PolicyBatch]] = (
+            [(rows, batch.select(rows)) for rows in self.micro_batches(batch, index)] if batch is not None else []
+        )
+        if self.lockstep_passes:
+            most = int(distributed.max_across({"passes": float(len(parts))})["passes"])
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            parts += [(None, PolicyBatch.placeholder(pad)) for _ in range(most - len(parts))]
+        return parts
 
     def sequence_logprobs(
         self,

@@ -66,6 +66,7 @@ class PolicyBatch:
             attention_mask=torch.ones((1, 2), dtype=torch.long),
             response_mask=torch.zeros((1, 1), dtype=torch.float32),
             rewards=torch.zeros(1),
+            advantages=torch.zeros((1, 1), dtype=torch.float32),
         )
 
     @staticmethod

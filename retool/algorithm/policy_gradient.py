@@ -323,9 +323,8 @@ class PolicyGradient(Algorithm, ABC):
             index = order[start : start + mini]
             local_tokens = batch.response_mask[index].sum()
             token_count = self.token_normalizer(local_tokens)
-            micros = self.lockstep(self.micro_batches(batch, index))
-            for m, micro in enumerate(micros):
-                part = batch.select(micro) if micro is not None else self._placeholder()
+            micros = self.passes(batch, index)
+            for m, (_, part) in enumerate(micros):
                 with torch.set_grad_enabled(trains_policy):
                     logprobs, entropy = self.sequence_logprobs(
                         self.model, part, with_entropy=True, entropy_grad=self.needs_entropy_grad()
@@ -378,19 +377,11 @@ class PolicyGradient(Algorithm, ABC):
     @torch.no_grad()
     def _logprobs_no_grad(self, model: torch.nn.Module, batch: PolicyBatch) -> torch.Tensor:
         out = torch.zeros(batch.response_mask.shape)
-        for index in self.lockstep(self.micro_batches(batch)):
-            part = batch.select(index) if index is not None else self._placeholder()
+        for rows, part in self.passes(batch):
             logprobs = self.sequence_logprobs(model, part)[0].float().cpu()
-            if index is not None:
-                out[index] = logprobs
+            if rows is not None:
+                out[rows] = logprobs
         return out
-
-    def _placeholder(self) -> PolicyBatch:
-        """A pass with nothing to learn (keeps this rank in step with ranks that have more passes)."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        part = PolicyBatch.placeholder(pad)
-        part.advantages = torch.zeros_like(part.response_mask)
-        return part
 
     # ---- output ---------------------------------------------------------------------------------------
 

@@ -310,7 +310,7 @@ def _check_strategy(trainer: Any) -> None:
 
 
 def _fit(run: RunSetup, parsed: ParsedRecipe, resume: Resume | None = None) -> int:
-    from retool.callbacks import RunCheckpoints, RunStopped
+    from retool.callbacks import RunStopped, stopped_by_signal
     from retool.policy import PolicyLoadError
 
     algorithm, trainer, console = run.algorithm, run.trainer, run.console
@@ -328,7 +328,7 @@ def _fit(run: RunSetup, parsed: ParsedRecipe, resume: Resume | None = None) -> i
         if run.evaluates and algorithm.eval_at_start and not parsed.config.ckpt_path:  # a resumed run evaluated
             validate_all(run)
         trainer.fit(algorithm, datamodule=run.data, ckpt_path=parsed.config.ckpt_path)
-        stopped = next((c.stopped for c in trainer.callbacks if isinstance(c, RunCheckpoints) and c.stopped), None)
+        stopped = stopped_by_signal(trainer)
         last = run.table.evaluations[-1].step if run.table.evaluations else None
         if run.evaluates and not trainer.interrupted and stopped is None and last != trainer.global_step:
             validate_all(run)  # the "after" row of the run

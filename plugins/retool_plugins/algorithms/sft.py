@@ -90,15 +90,14 @@ class SFT(Algorithm):
         optimizer = self.optimizers()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         loss_sum, tokens = 0.0, 0.0
+        batch: PolicyBatch | None = None
         if usable:
             batch = PolicyBatch.from_trajectories(usable, [0.0] * len(usable), pad)
             tokens = float(batch.response_mask.sum())
         # The loss is the mean over every rank's tokens, so N processes take the step one process would.
         token_count = self.token_normalizer(tokens)
-        # Every pass is a collective under FSDP2 and DeepSpeed: a rank with fewer passes (fewer usable traces, or
-        # shorter ones under a token budget) runs passes that teach nothing until it has run as many as the most.
-        passes = self.lockstep(self.micro_batches(batch) if usable else [])
-        parts = [batch.select(m) if m is not None else PolicyBatch.placeholder(pad) for m in passes]
+        # Under FSDP2 and DeepSpeed a rank with fewer usable traces also runs passes that teach nothing.
+        parts = [part for _, part in self.passes(batch)]
         if parts:
             self.model.train()
             for k, part in enumerate(parts):
