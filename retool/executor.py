@@ -29,6 +29,10 @@ class Executor(ABC):
 
     * ``execute`` never raises for anything the code does: timeouts, crashes, memory or output limits and
       exceptions in the cell are all reported in the returned :class:`~retool.ExecutionResult`.
+    * A failure of the executor itself (a sandbox that cannot start, a lost connection) is reported too, as
+      an error ``"SandboxError: ..."`` with ``stop_reason="crash"``, so that the run can tell it from the
+      code's failures (:attr:`~retool.ExecutionResult.executor_failed`): it is logged, counted
+      (``tools/executor_errors``) and, after ``rollout.max_executor_failures`` in a row, stops the run.
     * Sessions are created on first use and are independent of each other.
     * After a cell is stopped from outside (timeout, crash, limit), the session's next cell starts from a
       fresh state and its result has ``session_restarted=True``.

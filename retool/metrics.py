@@ -23,6 +23,7 @@ class TrajectoryStats:
         cells: Code cells executed.
         cells_ok: Cells that ran to their end without an exception, timeout or limit.
         timeouts: Cells stopped by the time limit.
+        executor_errors: Cells the executor itself failed on (``ExecutionResult.executor_failed``).
         code_lines: Non-blank lines of code over all its cells.
         last_cell_ok: Whether its last cell ran cleanly (``None`` without cells).
         first_cell_pos: Where its first cell's code starts in the model-written text, 0 to 1 (``None`` without cells).
@@ -35,6 +36,7 @@ class TrajectoryStats:
     cells_ok: int
     timeouts: int
     code_lines: int
+    executor_errors: int
     last_cell_ok: bool | None
     first_cell_pos: float | None
     finish_reason: str
@@ -49,6 +51,7 @@ class TrajectoryStats:
             cells_ok=sum(call.result.ok for call in calls),
             timeouts=sum(call.result.timed_out for call in calls),
             code_lines=sum(_lines(call.code) for call in calls),
+            executor_errors=sum(call.result.executor_failed for call in calls),
             last_cell_ok=calls[-1].result.ok if calls else None,
             first_cell_pos=_first_cell_position(trajectory) if calls else None,
             finish_reason=trajectory.finish_reason,
@@ -70,6 +73,8 @@ def summarize(stats: Sequence[TrajectoryStats]) -> dict[str, float]:
     * ``tools/last_cell_ok``: among trajectories with a cell, share whose last cell ran cleanly (the paper
       finds the last cell's pass rate rising during RL: the model learns to end on working code).
     * ``tools/timeouts``: share of cells stopped by the time limit.
+    * ``tools/executor_errors``: how many cells (a count for the batch, not a mean) the executor itself failed
+      on: a sandbox that cannot start, a lost connection, a plugin that raised. Anything above 0 needs a look.
     * ``tools/code_ratio``: share of trajectories with at least one cell (the paper's "code ratio").
     * ``tools/code_lines``: among trajectories with a cell, non-blank lines of code per response (the
       paper's "code lines").
@@ -88,6 +93,7 @@ def summarize(stats: Sequence[TrajectoryStats]) -> dict[str, float]:
         "tools/cell_ok": sum(s.cells_ok for s in stats) / cells if cells else 0.0,
         "tools/last_cell_ok": sum(bool(s.last_cell_ok) for s in with_cells) / len(with_cells) if with_cells else 0.0,
         "tools/timeouts": sum(s.timeouts for s in stats) / cells if cells else 0.0,
+        "tools/executor_errors": float(sum(s.executor_errors for s in stats)),
         "tools/code_ratio": len(with_cells) / n,
         "tools/code_lines": sum(s.code_lines for s in with_cells) / len(with_cells) if with_cells else 0.0,
         "tools/first_cell_pos": (

@@ -86,6 +86,19 @@ class ExecutionResult:
         """The cell ran to its end without an exception, a timeout or a limit."""
         return self.error is None and not self.timed_out and self.stop_reason is None
 
+    @property
+    def executor_failed(self) -> bool:
+        """The executor itself failed (a sandbox that cannot start, a lost connection, a plugin that raised),
+        not the code: by the contract an error starting with one of :data:`EXECUTOR_ERRORS`, with
+        ``stop_reason="crash"``. A cell's own exception never has that stop reason."""
+        return self.stop_reason == "crash" and (self.error or "").startswith(EXECUTOR_ERRORS)
+
+
+EXECUTOR_ERRORS = ("SandboxError:", "SandboxUnavailable:", "ExecutorError:")
+"""Prefixes of :attr:`ExecutionResult.error` that say the executor failed, not the code (see the Executor
+contract): ``SandboxError`` from an executor about itself, ``SandboxUnavailable`` from a sandbox that refuses
+to run (``strict``), ``ExecutorError`` from the rollout loop when ``execute`` raised."""
+
 
 @dataclass(frozen=True)
 class CheckResult:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from retool import Problem, Reward, RewardOutput, Trajectory
-from retool_plugins.rewards.math_answer import check_equivalent, extract_boxed_answer
+from retool.answer import final_boxes
+from retool_plugins.rewards.math_answer import answer_checks, answer_verdict, check_equivalent
 
 
 class ConciseMathReward(Reward):
@@ -34,12 +35,13 @@ class ConciseMathReward(Reward):
         has_answer: list[float] = []
         over_budget: list[float] = []
         for trajectory, problem in zip(trajectories, problems, strict=True):
-            answer = extract_boxed_answer(trajectory.model_text)  # None when there is no closed \boxed{}
-            ok = answer is not None and check_equivalent(problem.answer, answer)
+            boxes = final_boxes(trajectory.model_text)  # [] when there is no closed \boxed{}
+            # Several boxes are one answer (a list of solutions); a hedge between values scores wrong.
+            ok = answer_verdict([check_equivalent(problem.answer, c) for c in answer_checks(boxes)])
             excess = max(0, trajectory.num_model_tokens - self.token_budget)
             rewards.append(max(0.0, 1.0 - self.penalty * excess) if ok else -1.0)
             correct.append(float(ok))
-            has_answer.append(float(answer is not None))
+            has_answer.append(float(bool(boxes)))
             over_budget.append(float(excess))
         # Each component is logged as its mean: reward/correct (the "acc" column), reward/over_budget, ...
         return RewardOutput(

@@ -1,19 +1,22 @@
 """The ``retool`` command.
 
-``retool [-p no:PLUGIN ...] COMMAND ...``: ``fit`` and ``validate`` take a recipe (``recipe.py``: the flat
+``retool [--debug] [-p no:PLUGIN ...] COMMAND ...``: ``fit`` and ``validate`` take a recipe (``recipe.py``: the flat
 YAML recipe, its parser and its checks; ``run.py``: one set-up path from a parsed recipe to a Trainer and a
 run directory); ``report``, ``traces check``, ``sandbox check`` and ``plugins`` each live in a module of their
 own. Every command parses its arguments with jsonargparse and reports a mistake as one ``error:`` line that
-names the fix (exit code 2), never a traceback.
+names the fix (exit code 2), with no traceback; a failure that is not a recipe mistake (a bug in a plugin's
+constructor or data loading) shows its traceback, and ``--debug`` shows it for every error.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from retool.cli import _common
 from retool.cli._common import ConfigError, print_error
 
 
@@ -46,14 +49,17 @@ def usage() -> str:
     width = max(len(c.usage) for c in COMMANDS.values())
     lines = [f"  {c.usage.ljust(width)}   {c.summary}" for c in COMMANDS.values()]
     return (
-        "usage: retool [-p no:PLUGIN ...] COMMAND ...\n\ncommands:\n" + "\n".join(lines) + "\n\n"
-        "`retool COMMAND --help` shows a command's options; `retool fit --help` lists every option of every section."
+        "usage: retool [--debug] [-p no:PLUGIN ...] COMMAND ...\n\ncommands:\n" + "\n".join(lines) + "\n\n"
+        "`retool COMMAND --help` shows a command's options; `retool fit --help` lists every option of every section.\n"
+        "--debug prints the traceback of every error (by default a recipe mistake is one line)."
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``retool`` with ``argv`` (default: the process's arguments); return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _common.DEBUG = "--debug" in args
+    args = [arg for arg in args if arg != "--debug"]
     try:
         blocked, args = _take_blocked(args)
         if not args or args[0] in ("-h", "--help"):
@@ -71,13 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run(rest, blocked))
     except ConfigError as exc:
         print_error(str(exc))
+        if _common.DEBUG:
+            traceback.print_exc()
         return 2
     except Exception as exc:
         from retool.plugins import PluginError
+        from retool.rollout.failures import ExecutorFailing
 
         if isinstance(exc, PluginError):
             print_error(str(exc))
             return 2
+        if isinstance(exc, ExecutorFailing) and not _common.DEBUG:  # the run's own verdict: no traceback to read
+            print_error(str(exc))
+            return 1
         raise
 
 

@@ -10,6 +10,24 @@ class ConfigError(Exception):
     """A recipe or command-line problem: printed as one ``error:`` line, exit code 2."""
 
 
+DEBUG = False
+"""``retool --debug ...``: errors that are normally one line also print their traceback."""
+
+# What a wrong recipe value or a missing file raises (a plugin's own check of its options raises ValueError, as
+# the plugin contract asks; a missing optional package is the environment's, not a bug). Anything else raised
+# while a recipe is instantiated is a bug in a plugin or in retool: its traceback is what a user needs.
+RECIPE_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ModuleNotFoundError,
+)  # fmt: skip
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The exception at the bottom of ``exc``'s chain of causes (what jsonargparse and others wrap)."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
 def print_error(message: str) -> None:
     """``error: message`` on stderr, on one line, never a traceback."""
     from rich.console import Console
@@ -87,8 +105,7 @@ def wants_help(argv: Sequence[str]) -> bool:
 
 def root_cause(exc: BaseException) -> str:
     """The innermost exception's message (jsonargparse wraps a constructor's ValueError in its own errors)."""
-    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    exc = innermost(exc)
     text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
     return clean_message(text)
 

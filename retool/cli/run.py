@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from retool import plugins as plugin_registry
-from retool.cli._common import ConfigError, print_error, root_cause, wants_help
+from retool.cli import _common
+from retool.cli._common import RECIPE_ERRORS, ConfigError, innermost, print_error, root_cause, wants_help
 from retool.cli.recipe import ParsedRecipe, build_parser, parse_recipe, trainer_help
 from retool.cli.resume import (
     Resume,
@@ -159,7 +160,14 @@ def setup_run(
             init.policy.check()  # a missing folder or model package: before the run directory exists
     except PolicyLoadError as exc:
         raise ConfigError(str(exc)) from None
-    except Exception as exc:  # a plugin's __init__ rejected a value: show its own message, not the wrapper's
+    except Exception as exc:
+        cause = innermost(exc)
+        if _common.DEBUG or not isinstance(cause, RECIPE_ERRORS):
+            # A bug in a plugin's constructor or data loading, not a recipe value: its own traceback follows
+            # (not jsonargparse's wrapper around it).
+            print_error(f"setting up the run failed: {root_cause(exc)} (the traceback follows)")
+            raise cause from None
+        # A plugin's __init__ rejected a value: show its own message, not the wrapper's.
         raise ConfigError(f"invalid recipe value: {root_cause(exc)}") from None
     if command == "validate" and not evaluates:
         raise ConfigError(f"the data section ({type(init.data).__name__}) has no val problems to evaluate on")
@@ -266,6 +274,8 @@ def _build_trainer(
     try:
         trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
     except Exception as exc:  # a strategy this machine cannot run, devices it does not have: before any weights load
+        if _common.DEBUG:
+            raise
         raise ConfigError(f"invalid trainer section: {strategy_advice(root_cause(exc), trainer_kwargs)}") from None
     _check_strategy(trainer)
     try:  # before the processes start and any weights load

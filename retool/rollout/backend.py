@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from retool._async import run_sync
+from retool.rollout.failures import ExecutorFailures
 from retool.rollout.format import ReToolFormat, TextOnlyFormat, ToolFormat
 from retool.types import Problem, Trajectory
 
@@ -90,6 +91,9 @@ class RolloutBackend(ABC):
         format: The text format of code cells and interpreter replies (default: the paper's tags, or with
             tools off a prompt without tool instructions).
         tools: ``False`` turns tools off: no cell ever runs, for the text-only RL baseline.
+        max_executor_failures: Consecutive cells the executor itself fails on (not the code: see
+            ``ExecutionResult.executor_failed``) before the run stops with an error, rather than train for
+            hours on the error text it shows the model; 0 never stops.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class RolloutBackend(ABC):
         seed: int = 0,
         format: ToolFormat | None = None,
         tools: bool = True,
+        max_executor_failures: int = 32,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -119,6 +124,10 @@ class RolloutBackend(ABC):
         self.seed = seed
         self.format = format if format is not None else (ReToolFormat() if tools else TextOnlyFormat())
         self.tools = tools
+        if max_executor_failures < 0:
+            raise ValueError(f"max_executor_failures must be >= 0 (0 never stops), got {max_executor_failures}")
+        self.max_executor_failures = max_executor_failures
+        self.executor_failures = ExecutorFailures(max_executor_failures)
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self._busy_s = 0.0

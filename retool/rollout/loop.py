@@ -19,6 +19,7 @@ from retool.types import ExecutionResult, FinishReason, Problem, ToolCall, Trace
 if TYPE_CHECKING:
     from retool.executor import Executor
     from retool.rollout.backend import RolloutBackend
+    from retool.rollout.failures import ExecutorFailures
 
 
 def prompt_token_ids(backend: RolloutBackend, problem: Problem) -> list[int]:
@@ -120,7 +121,7 @@ async def run_trajectory(
             if len(tool_calls) >= backend.max_tool_calls:
                 finish = "max_tool_calls"
                 break
-            result = await _execute(executor, code, session)
+            result = await _execute(executor, code, session, getattr(backend, "executor_failures", None))
             feedback = fmt.feedback(result)
             feedback_ids = list(tokenizer.encode(feedback, add_special_tokens=False))
             tool_start = len(token_ids)
@@ -152,13 +153,24 @@ async def run_trajectory(
     )
 
 
-async def _execute(executor: Executor | None, code: str, session: str) -> ExecutionResult:
-    """Run a cell; an executor that raises (it should not) becomes a recorded error, never a dead rollout."""
+async def _execute(
+    executor: Executor | None, code: str, session: str, failures: ExecutorFailures | None
+) -> ExecutionResult:
+    """Run a cell; an executor that raises (it should not) becomes a recorded error, never a dead rollout.
+
+    Either way a failure of the executor is logged and counted, and enough of them in a row stop the run
+    (:class:`~retool.rollout.failures.ExecutorFailing`).
+    """
     assert executor is not None
+    raised = None
     try:
-        return await executor.execute(code, session)
+        result = await executor.execute(code, session)
     except Exception as exc:  # the contract says execute never raises; a buggy plugin must not kill the run
-        return ExecutionResult(error=f"ExecutorError: {type(exc).__name__}: {exc}", stop_reason="crash")
+        raised = exc
+        result = ExecutionResult(error=f"ExecutorError: {type(exc).__name__}: {exc}", stop_reason="crash")
+    if failures is not None:
+        failures.record(result, raised)
+    return result
 
 
 async def rollout_groups(

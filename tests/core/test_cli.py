@@ -159,6 +159,44 @@ def test_invalid_value_caught_by_a_constructor(tmp_path: Path, capsys) -> None:
     _fails(["fit", "--recipe", path, "--algorithm.init_args.group_size", "1"], capsys, "group_size >= 2")
 
 
+BUGGY_PLUGIN = """
+from retool_plugins.datasets.jsonl import JsonlProblems
+
+
+class BuggyProblems(JsonlProblems):
+    \"\"\"A dataset plugin with a bug in its constructor.
+
+    Args:
+        path: The file.
+        batch_size: Problems per step.
+    \"\"\"
+
+    def __init__(self, path: str, batch_size: int = 2) -> None:
+        super().__init__(path=path, batch_size=batch_size)
+        self.columns = {}["question"]  # the bug: a KeyError, nothing a recipe value could fix
+"""
+
+
+def test_a_bug_in_a_plugins_constructor_shows_its_traceback(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "buggy_plugin.py").write_text(BUGGY_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "class_path": "buggy_plugin.BuggyProblems"}}
+    with pytest.raises(KeyError, match="question"):  # main re-raises: Python prints the traceback, exit 1
+        main(["fit", "--recipe", str(_write(tmp_path, recipe))])
+    err = capsys.readouterr().err
+    assert "setting up the run failed: KeyError: 'question' (the traceback follows)" in " ".join(err.split())
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_the_traceback_of_a_recipe_error_too(tmp_path: Path, capsys) -> None:
+    path = str(_write(tmp_path, TINY_RECIPE))
+    args = ["fit", "--recipe", path, "--algorithm.init_args.group_size", "1"]
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        main(["--debug", *args])
+    assert main(args) == 2  # without --debug: the one line
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_missing_executor_fails_before_the_model_loads(tmp_path: Path, capsys) -> None:
     recipe = {k: v for k, v in TINY_RECIPE.items() if k != "executor"}
     recipe["policy"] = {"name_or_path": str(tmp_path / "never-loaded")}  # loading it would fail differently

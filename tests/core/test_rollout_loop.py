@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from retool import Problem
+from retool import ExecutionResult, Problem
+from retool.metrics import rollout_metrics
+from retool.rollout.failures import ExecutorFailing
 from retool.testing import EchoExecutor, ScriptedRollout
 
 SCRIPT = (
@@ -112,3 +115,59 @@ def test_an_executor_that_raises_becomes_a_recorded_error(tokenizer) -> None:
     (traj,) = backend.rollout([Problem("p0", "q", "1")], 1, Broken()).trajectories
     assert traj.tool_calls and "sandbox went away" in traj.tool_calls[0].result.error
     assert traj.finish_reason == "eos"
+
+
+def test_executor_failures_are_logged_once_per_kind_and_counted(tokenizer, caplog) -> None:
+    class Broken(EchoExecutor):
+        async def execute(self, code: str, session: str):
+            raise ConnectionError("sandbox went away")
+
+    backend = _backend(tokenizer, max_new_tokens=400)
+    with caplog.at_level(logging.ERROR, logger="retool.rollout"):
+        result = backend.rollout([Problem("p0", "q", "1"), Problem("p1", "q", "1")], 2, Broken())
+    assert rollout_metrics(result.trajectories)["tools/executor_errors"] == 8.0  # 4 trajectories, 2 cells each
+    (record,) = caplog.records  # eight failures of one kind: one line, with the plugin's traceback
+    assert "ExecutorError: ConnectionError: sandbox went away" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is ConnectionError
+    assert backend.executor_failures.in_a_row == 8
+
+
+def test_a_cell_the_executor_runs_ends_a_streak_and_the_codes_own_errors_never_count(tokenizer) -> None:
+    outcomes = iter(
+        [
+            ExecutionResult(error="SandboxError: the worker failed to start", stop_reason="crash"),
+            ExecutionResult(error="ZeroDivisionError: division by zero"),  # the code's failure: the executor ran
+            # A cell can raise an exception of any name: without stop_reason="crash" it is the code's.
+            ExecutionResult(error="SandboxError: raised by the cell itself"),
+            ExecutionResult(error="InterpreterCrash: the Python interpreter crashed", stop_reason="crash"),
+        ]
+    )
+
+    class Scripted(EchoExecutor):
+        async def execute(self, code: str, session: str):
+            return next(outcomes)
+
+    backend = _backend(tokenizer, max_new_tokens=400, max_executor_failures=2)
+    executor = Scripted()
+    first = backend.rollout([Problem("p0", "q", "1")], 1, executor).trajectories
+    second = backend.rollout([Problem("p0", "q", "1")], 1, executor).trajectories
+    assert [rollout_metrics(t)["tools/executor_errors"] for t in (first, second)] == [1.0, 0.0]
+    assert backend.executor_failures.in_a_row == 0
+
+
+def test_consecutive_executor_failures_stop_the_run_with_a_clear_error(tokenizer) -> None:
+    class Dead(EchoExecutor):
+        async def execute(self, code: str, session: str):
+            return ExecutionResult(error="SandboxError: could not start a worker: [Errno 24]", stop_reason="crash")
+
+    backend = _backend(tokenizer, max_new_tokens=400, max_executor_failures=5)
+    executor = Dead()
+    with pytest.raises(ExecutorFailing, match=r"failed on 5 cells in a row .*rollout\.max_executor_failures"):
+        backend.rollout([Problem(f"p{i}", "q", "1") for i in range(4)], 2, executor)
+    assert len(set(executor.closed)) == 8  # every trajectory's session was closed
+
+    never = _backend(tokenizer, max_new_tokens=400, max_executor_failures=0)
+    result = never.rollout([Problem(f"p{i}", "q", "1") for i in range(4)], 2, Dead())
+    assert rollout_metrics(result.trajectories)["tools/executor_errors"] == 16.0
+    with pytest.raises(ValueError, match="max_executor_failures must be >= 0"):
+        _backend(tokenizer, max_executor_failures=-1)

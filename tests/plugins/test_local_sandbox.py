@@ -6,6 +6,7 @@ import ast
 import asyncio
 import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -507,3 +508,53 @@ def test_without_a_pid_namespace_a_detached_process_does_not_outlive_its_session
     while survivors() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert survivors() == []
+
+
+# ---- the pieces of the isolation that can be checked without a session ----------------------------------
+
+
+def test_a_seccomp_rule_that_fails_is_reported_and_turns_the_layer_off(monkeypatch):
+    pyseccomp = pytest.importorskip("pyseccomp", reason="the seccomp layer needs pyseccomp")
+    from retool_plugins.executors.local import _isolation as iso
+
+    complete = iso.build_seccomp()
+    assert complete.failed == [] and complete.layer()[0] and complete.program
+
+    real_add_rule = pyseccomp.SyscallFilter.add_rule
+
+    def refuse_ptrace(self, action, name, *args):
+        if name == "ptrace":
+            raise OSError(22, "Invalid argument")
+        return real_add_rule(self, action, name, *args)
+
+    monkeypatch.setattr(pyseccomp.SyscallFilter, "add_rule", refuse_ptrace)
+    monkeypatch.setattr(iso, "_DENIED", (*iso._DENIED, "no_such_call_anywhere"))
+    partial = iso.build_seccomp()
+    assert partial.failed == ["ptrace: OSError: [Errno 22] Invalid argument"]
+    assert "no_such_call_anywhere" in partial.absent  # nothing to deny: not a failure
+    active, detail = partial.layer()
+    assert not active and "ptrace" in detail and "stay open" in detail  # so strict=True refuses to start
+    assert partial.program != complete.program  # still a filter (the other rules), loaded rather than none
+
+
+def test_the_view_names_the_interpreter_but_not_a_projects_tree(monkeypatch, tmp_path):
+    from retool_plugins.executors.local import _isolation as iso
+
+    project = tmp_path / "project"
+    (project / "pkg").mkdir(parents=True)
+    (project / "pkg" / "__init__.py").write_text("")
+    (project / "data.jsonl").write_text("{}")
+    monkeypatch.syspath_prepend(str(project))  # an editable install's source folder, or PYTHONPATH
+    paths = iso.interpreter_paths()
+    assert str(project) not in paths and not any(p.startswith(str(project)) for p in paths)
+    assert os.path.realpath(sys.prefix) in paths or any(
+        os.path.realpath(sys.prefix).startswith(t) for t in iso.SYSTEM_TREES
+    )
+    # A preloaded module that lives there is still importable: its package folder (only) is in the view.
+    import importlib
+
+    module = importlib.import_module("pkg")
+    try:
+        assert iso.interpreter_paths([module]) == sorted([*paths, str((project / "pkg").resolve())])
+    finally:
+        sys.modules.pop("pkg", None)

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 import time
 
 import pytest
 
+from retool.answer import final_boxes
 from retool.types import Problem, Trajectory
-from retool_plugins.rewards.math_answer import MathAnswerReward, extract_boxed_answer
+from retool_plugins.rewards.math_answer import MathAnswerReward, answer_checks, answer_verdict, extract_boxed_answer
 
 
 def traj(model_text: str, response_text: str | None = None) -> Trajectory:
@@ -50,6 +52,19 @@ class NapReward(MathAnswerReward):
     check_fn = staticmethod(nap_check)
 
 
+def broken_check(gold: str, prediction: str) -> bool:
+    """A checker with a bug: one kind of error for most inputs, another for ``T``, a third, per input, for ``v*``."""
+    if prediction == "T":
+        raise TypeError("unsupported operand\nsecond line")
+    if prediction.startswith("v"):
+        raise ValueError(f"cannot read {prediction}")
+    raise ValueError("broken checker")
+
+
+class BrokenReward(MathAnswerReward):
+    check_fn = staticmethod(broken_check)
+
+
 @pytest.fixture(scope="module")
 def reward():
     r = MathAnswerReward()
@@ -80,18 +95,53 @@ def reward():
         ("\\boxed{unclosed {inner}", None),
         ("\\\\boxed{3}", None),  # a LaTeX line break followed by the word "boxed"
         ("", None),
+        # One token without braces, as LaTeX reads it.
+        ("\\boxed 5", "5"),
+        ("\\boxed 42", "4"),
+        ("\\boxed5.", "5"),
+        ("\\boxed x", "x"),
+        ("\\boxed\\pi", "\\pi"),
+        ("\\boxed \\infty", "\\infty"),
+        ("\\fbox 7", "7"),
+        ("\\boxed{\\boxed 6}", "6"),
+        ("\\boxed \\boxed{9}", "9"),
+        ("\\boxedx", None),  # another command
+        ("\\boxed (5)", None),
+        ("\\\\boxed 3", None),
     ],
 )
 def test_extract_boxed_answer(text, expected):
     assert extract_boxed_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<answer>\\boxed{2} and \\boxed{3}</answer>", ["2", "3"]),
+        ("<answer>\\boxed{2, 3}</answer>", ["2, 3"]),
+        ("<answer>\\boxed{5} or \\fbox{6}</answer>", ["5", "6"]),
+        ("<answer>\\boxed 5, \\boxed{5}</answer>", ["5", "5"]),
+        ("\\boxed{1} <answer>\\boxed{2} \\boxed{3}</answer> \\boxed{4}", ["2", "3"]),
+        ("\\boxed{1} then \\boxed{2} <answer>none</answer>", ["1", "2"]),  # no box in the block: all boxes count
+        ("\\boxed{a \\boxed{b}} \\boxed{c}", ["a \\boxed{b}", "c"]),  # a box inside a box is part of it
+        ("\\boxed{\\boxed{5}} \\boxed{ \\boxed{6} }", ["5", "6"]),
+        ("\\boxed{3} \\boxed{4", ["3"]),
+        ("no box", []),
+        ("", []),
+    ],
+)
+def test_final_boxes(text, expected):
+    assert final_boxes(text) == expected
+    assert extract_boxed_answer(text) == (expected[-1] if expected else None)
+
+
 def test_answer_block_is_preferred():
     text = "\\boxed{1} <answer>\\boxed{2}</answer> second thoughts: \\boxed{3}"
     assert extract_boxed_answer(text) == "2"
-    # Only the last <answer> block counts; inside it the last box wins.
+    # Only the last <answer> block counts; extract_boxed_answer gives its last box.
     text = "<answer>\\boxed{1}</answer> <answer>\\boxed{4} or \\boxed{5}</answer> \\boxed{6}"
     assert extract_boxed_answer(text) == "5"
+    assert final_boxes(text) == ["4", "5"]
     # An answer block without a box falls back to the last box anywhere.
     assert extract_boxed_answer("\\boxed{7} <answer>7</answer>") == "7"
     # A truncated answer block still counts.
@@ -152,13 +202,80 @@ def test_equivalent_forms_batch(reward):
     assert out.components["correct"] == [float(ok) for _, _, ok in cases]
 
 
+def test_answer_checks():
+    assert answer_checks([]) == ()
+    assert answer_checks(["5"]) == ("5",)
+    assert answer_checks(["5", "5", "5"]) == ("5",)  # repeated word for word: one answer
+    assert answer_checks(["2", "3", "2"]) == ("2, 3", "2", "3")
+    assert answer_checks([str(i) for i in range(16)])[0] == ", ".join(str(i) for i in range(16))
+    assert answer_checks([str(i) for i in range(17)]) == ()  # an enumeration, not an answer
+    assert answer_checks(["9" * 6000, "8" * 6000]) == ()  # too long together
+    assert answer_verdict([]) is False
+    assert answer_verdict([True]) is True
+    assert answer_verdict([False]) is False
+    assert answer_verdict([True, False, False]) is True  # the boxes together are the answer
+    assert answer_verdict([False, True, True]) is True  # each box alone is the answer
+    assert answer_verdict([False, True, False]) is False  # a hedge
+
+
+def box_answer(*boxes: str, joiner: str = " and ") -> str:
+    return "<answer>" + joiner.join(f"\\boxed{{{b}}}" for b in boxes) + "</answer>"
+
+
+# (what the model wrote, ground truth, right?): one case per rule of the class docstring.
+ANSWER_RULES = [
+    # One box: as before.
+    (box_answer("5"), "5", True),
+    (box_answer("2, 3"), "2, 3", True),  # a list in one box
+    (box_answer("3, 2"), "\\{2, 3\\}", True),
+    # Several boxes are one list: a set in any order, a tuple in order.
+    (box_answer("2", "3"), "2, 3", True),
+    (box_answer("2", "3"), "\\{2, 3\\}", True),
+    (box_answer("3", "2"), "\\{2, 3\\}", True),
+    (box_answer("x=3", "x=2", joiner=", "), "2, 3", True),
+    (box_answer("1", "2", "3"), "(1, 2, 3)", True),
+    (box_answer("3", "2", "1"), "(1, 2, 3)", False),
+    (box_answer("2", "3"), "2, 3, 4", False),  # an element missing
+    (box_answer("2", "3", "4"), "2, 3", False),  # one too many
+    (box_answer("2, 3", "4"), "2, 3, 4", True),
+    (box_answer("2", "3"), "[2, 3]", False),  # an interval is not a list
+    # The same answer repeated, word for word or in another form.
+    (box_answer("5", "5"), "5", True),
+    (box_answer("5", "5.0"), "5", True),
+    (box_answer("\\frac{1}{2}", "0.5", joiner=", that is "), "1/2", True),
+    (box_answer("2, 3", "\\{3, 2\\}", joiner=", that is "), "2, 3", True),
+    # A hedge: two different values for one, whichever comes last.
+    (box_answer("5", "6", joiner=" or "), "5", False),
+    (box_answer("6", "5", joiner=" or "), "5", False),
+    (box_answer("5", "6", joiner=" or "), "6", False),
+    ("\\boxed{6} or maybe \\boxed{5}", "5", False),  # outside an <answer> block too
+    ("scratch: \\boxed{6}. <answer>\\boxed{5}</answer>", "5", True),  # the block is the answer
+    # One token without braces; \fbox like \boxed.
+    ("<answer>\\boxed 5</answer>", "5", True),
+    ("<answer>\\boxed 42</answer>", "42", False),  # LaTeX boxes the 4 alone
+    ("<answer>\\boxed \\pi</answer>", "\\pi", True),
+    ("<answer>\\fbox{5}</answer>", "5", True),
+    # Too many different boxes.
+    (box_answer(*(str(i) for i in range(1, 17))), ", ".join(str(i) for i in range(1, 17)), True),
+    (box_answer(*(str(i) for i in range(1, 18))), ", ".join(str(i) for i in range(1, 18)), False),
+]
+
+
+def test_answer_rules(reward):
+    out = reward([traj(text) for text, _, _ in ANSWER_RULES], [problem(gold) for _, gold, _ in ANSWER_RULES])
+    wrong = [case for case, ok in zip(ANSWER_RULES, out.components["correct"], strict=True) if ok != case[2]]
+    assert wrong == []
+    assert out.components["has_answer"] == [1.0] * len(ANSWER_RULES)
+    assert out.components["timed_out"] == [0.0] * len(ANSWER_RULES)
+
+
 def test_no_answer_scores_incorrect(reward):
     out = reward([traj("The answer is 7."), traj("<answer>7</answer>")], [problem("7")] * 2)
     assert out.rewards == [-1.0, -1.0]
     assert out.components["has_answer"] == [0.0, 0.0]
 
 
-def test_garbage_never_raises(reward):
+def test_garbage_never_raises(reward, caplog):
     garbage = [
         "",
         "\\boxed{",
@@ -176,10 +293,12 @@ def test_garbage_never_raises(reward):
         "\\boxed{" + "9" * 1_000_000 + "}",  # a 1 MB answer
     ]
     start = time.monotonic()
-    out = reward([traj(g) for g in garbage], [problem("12345")] * len(garbage))
+    with caplog.at_level(logging.WARNING, logger="retool_plugins.rewards.math_answer"):
+        out = reward([traj(g) for g in garbage], [problem("12345")] * len(garbage))
     assert out.rewards == [-1.0] * len(garbage)
     assert out.components["timed_out"] == [0.0] * len(garbage)
     assert time.monotonic() - start < 10
+    assert caplog.records == []  # math-verify never raises on garbage: a warning would be noise
 
 
 def test_a_genuinely_slow_input_times_out():
@@ -290,5 +409,41 @@ def test_time_limit_is_per_check_not_per_batch():
         out = r(trajs, [problem("3")] * 8)
         assert out.components["timed_out"] == [0.0] * 8
         assert out.components["correct"] == [float(i == 3) for i in range(8)]
+    finally:
+        r.close()
+
+
+# --- a check_fn that raises --------------------------------------------------------------------------------
+
+
+def test_check_fn_errors_are_logged_once_per_kind(caplog):
+    r = BrokenReward()
+
+    def warnings() -> list[str]:
+        return [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="retool_plugins.rewards.math_answer"):
+            trajs = [traj(f"\\boxed{{{i}}}") for i in range(12)] + [traj(box_answer("1", "2"))]
+            out = r(trajs, [problem("5")] * len(trajs))
+            assert out.rewards == [-1.0] * len(trajs)  # scored wrong, not raised
+            assert out.components["timed_out"] == [0.0] * len(trajs)
+            (first,) = warnings()
+            assert "broken_check raised ValueError: broken checker" in first
+            assert r([traj("\\boxed{7}")] * 3, [problem("7")] * 3).rewards == [-1.0] * 3
+            assert len(warnings()) == 1  # the same kind again: not logged again
+
+            assert r([traj("\\boxed{T}"), traj("\\boxed{8}")], [problem("5")] * 2).rewards == [-1.0, -1.0]
+            assert len(warnings()) == 2
+            assert "TypeError: unsupported operand (gold '5', prediction 'T')" in warnings()[1]
+            assert r([traj("\\boxed{T}")], [problem("6")]).rewards == [-1.0]
+            assert len(warnings()) == 2
+
+            # A message that holds its input makes a kind per input: the log stops after a few.
+            many = [traj(f"\\boxed{{v{i}}}") for i in range(40)]
+            assert r(many, [problem("5")] * len(many)).rewards == [-1.0] * len(many)
+            logged = warnings()
+            assert len(logged) == 21  # up to 20 kinds in all, then one line saying that more are not logged
+            assert "more kinds are counted but not logged" in logged[-1]
     finally:
         r.close()

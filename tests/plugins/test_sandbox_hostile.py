@@ -23,7 +23,7 @@ from processes import descendants
 
 from retool.types import ExecutionResult
 from retool_plugins.executors.local import LocalSandbox, missing_layers
-from retool_plugins.executors.local._isolation import SCRATCH, exposed_paths, hidden_folders
+from retool_plugins.executors.local._isolation import SCRATCH, interpreter_paths
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the isolation layers are Linux's")
 
@@ -316,6 +316,96 @@ def test_a_host_temp_folder_is_invisible(box, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt"]
 
 
+def _plant(folder: Path) -> Path:
+    """A dataset with answers in ``folder`` (a new one), as a trainer would keep beside its recipe."""
+    folder.mkdir()
+    (folder / "recipe.yaml").write_text("data:\n  path: answers.jsonl\n")
+    data = folder / "answers.jsonl"
+    data.write_text('{"problem": "What is 6 * 7?", "answer": "42"}\n')
+    return data
+
+
+@needs("filesystem")
+@pytest.mark.parametrize("where", ["filesystem-root", "trainer-cwd", "beside-the-venv", "var", "opt"])
+def test_answers_on_the_host_cannot_be_read_or_listed(box, where):
+    # Reward hacking through the file system: a model that opens the training data and prints the ground
+    # truth would earn full reward. Only what the interpreter needs is in a cell's view; nothing else.
+    name = f"retool-answers-{secrets.token_hex(4)}"
+    parent = {
+        "filesystem-root": Path("/"),
+        "trainer-cwd": Path.cwd(),
+        "beside-the-venv": Path(sys.prefix).resolve().parent,
+        "var": Path("/var"),
+        "opt": Path("/opt"),
+    }[where]
+    if not os.access(parent, os.W_OK):
+        pytest.skip(f"cannot plant a file in {parent} (not writable here)")
+    data = _plant(parent / name)
+    try:
+        (result,) = box.run(
+            "import os\n"
+            f"for action in (lambda: open({str(data)!r}).read(), lambda: os.listdir({str(data.parent)!r}),\n"
+            f"               lambda: os.stat({str(data)!r})):\n"
+            "    try:\n        print('allowed', action())\n"
+            "    except OSError as exc:\n        print(type(exc).__name__)\n"
+            f"names = os.listdir({str(parent)!r}) if os.path.isdir({str(parent)!r}) else []\n"
+            "print([n for n in names if n.startswith('retool-answers-')])"
+        )
+    finally:
+        shutil.rmtree(data.parent)
+    assert result.ok, result.error
+    assert result.stdout == "FileNotFoundError\nFileNotFoundError\nFileNotFoundError\n[]\n"
+
+
+@needs("filesystem")
+def test_the_view_holds_only_the_system_and_the_interpreter(box):
+    (result,) = box.run("import json, os\nprint(json.dumps([sorted(os.listdir('/')), sorted(os.listdir('/etc'))]))")
+    top, etc = ast.literal_eval(result.stdout)
+    system = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"}
+    interpreter = {p.split("/")[1] for p in interpreter_paths()}
+    assert set(top) <= system | interpreter | {"proc", "sys", "dev", "tmp", "etc"}
+    assert {"usr", "proc", "dev", "tmp", "etc"} <= set(top)
+    assert {"passwd", "group", "hostname", "hosts"} <= set(etc)
+    assert not {"shadow", "gshadow", "ssh", "sudoers", "machine-id", "resolv.conf"} & set(etc)
+
+
+@needs("filesystem")
+def test_preloaded_and_common_standard_library_modules_import(box):
+    (result,) = box.run(
+        "import numpy, sympy, numpy.linalg, numpy.fft, numpy.polynomial\n"
+        "import json, re, collections, decimal, fractions, statistics, datetime, random, hashlib, itertools\n"
+        "import functools, heapq, bisect, string, textwrap, csv, sqlite3, ctypes, subprocess, multiprocessing\n"
+        "import zoneinfo, time\n"
+        "from sympy import nsolve, Symbol\n"
+        "x = Symbol('x')\n"
+        "print(numpy.fft.fft([1, 0]).real.tolist(), float(nsolve(x**2 - 2, x, 1)) > 1.41)\n"
+        "print(sqlite3.connect(':memory:').execute('select 6 * 7').fetchone()[0])\n"
+        "print(subprocess.run(['ls', '/'], capture_output=True, text=True).returncode)\n"
+        "print(time.localtime().tm_year > 2000)",
+        timeout_s=ENDS_S,
+    )
+    assert result.ok, result.error
+    assert result.stdout == "[1.0, 1.0] True\n42\n0\nTrue\n"
+
+
+@needs("filesystem", "ipc", "user")
+def test_hostname_and_users_reveal_nothing_of_the_host(box):
+    (result,) = box.run(
+        "import json, os, pwd, grp, socket, subprocess\n"
+        "print(json.dumps([socket.gethostname(), os.uname().nodename, sorted(p.pw_name for p in pwd.getpwall()),\n"
+        "    pwd.getpwuid(os.getuid()).pw_name, os.path.expanduser('~'), sorted(g.gr_name for g in grp.getgrall()),\n"
+        "    subprocess.run(['id'], capture_output=True, text=True).stdout.strip()]))"
+    )
+    assert result.ok, result.error
+    hostname, nodename, users, me, home, groups, id_line = ast.literal_eval(result.stdout)
+    assert hostname == nodename == "sandbox" != socket.gethostname()
+    assert users == ["nobody", "root", "sandbox"] and me == "sandbox" and home == "/tmp"
+    assert groups == ["nogroup", "root", "sandbox"]
+    assert id_line.startswith("uid=") and "(sandbox)" in id_line
+    host_users = {line.split(":")[0] for line in Path("/etc/passwd").read_text().splitlines() if line} - set(users)
+    assert not any(name in id_line for name in host_users)
+
+
 @needs("filesystem")
 def test_ssh_keys_in_home_folders_are_not_readable(box):
     home = Path("/home") / f"retool-hostile-{secrets.token_hex(4)}"
@@ -326,7 +416,7 @@ def test_ssh_keys_in_home_folders_are_not_readable(box):
     root_secret.write_text("PRIVATE")
     try:
         (result,) = box.run(
-            "import os\nprint(os.listdir('/home'))\n"
+            "import os\nprint(os.listdir('/home') if os.path.exists('/home') else [])\n"
             f"for path in ({str(key)!r}, {str(root_secret)!r}, os.path.expanduser('~/.ssh/id_rsa')):\n"
             "    try:\n        print(open(path).read())\n    except OSError as exc:\n        print(type(exc).__name__)"
         )
@@ -368,11 +458,7 @@ def test_scratch_is_private_writable_and_size_limited(box):
     # Where this checkout lives under /tmp (a clone in /tmp/x), the interpreter's folders are re-exposed, read-only,
     # inside the scratch, so the first folder of their path shows there; nothing else may.
     exposed = sorted(
-        {
-            os.path.relpath(p, SCRATCH).split(os.sep)[0]
-            for p in exposed_paths(hidden_folders([]))
-            if p.startswith("/tmp/")
-        }
+        {os.path.relpath(p, SCRATCH).split(os.sep)[0] for p in interpreter_paths() if p.startswith("/tmp/")}
     )
     assert wrote.stdout.startswith("/tmp ") and sorted(ast.literal_eval(wrote.stdout[5:])) == sorted(
         ["mine.txt", *exposed]
@@ -428,18 +514,35 @@ def test_a_loopback_port_open_on_the_host_is_unreachable(box):
         (result,) = box.run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
         with pytest.raises(socket.timeout):
             server.accept()  # nothing reached the host
-    assert result.error == "OSError: [Errno 101] Network is unreachable"
+    # The cell's 127.0.0.1 is its own namespace's loopback, where nothing listens on that port.
+    assert result.error == "ConnectionRefusedError: [Errno 111] Connection refused"
 
 
 @needs("network")
 def test_only_a_loopback_interface_and_no_route(box):
     (result,) = box.run(
         "import os, socket\nprint(socket.if_nameindex())\nprint(open('/proc/net/route').read().splitlines()[1:])\n"
-        "print(os.listdir('/sys/class/net'))\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ('127.0.0.1', 9))"
+        "print(os.listdir('/sys/class/net'))"
     )
+    # No route but the loopback's own (which the kernel keeps in its local table, not in /proc/net/route):
+    # a packet for any other address has nowhere to go. (Tests send nothing off loopback, so none is tried.)
     assert result.stdout == "[(1, 'lo')]\n[]\n['lo']\n"
-    assert result.error == "OSError: [Errno 101] Network is unreachable"
+
+
+@needs("network")
+def test_local_sockets_inside_the_session_work(box):
+    # Some libraries talk to themselves over 127.0.0.1 (multiprocessing managers, test servers).
+    (result,) = box.run(
+        "import socket, threading\n"
+        "server = socket.create_server(('127.0.0.1', 0))\n"
+        "def answer():\n    conn, _ = server.accept()\n    conn.sendall(conn.recv(5)[::-1])\n"
+        "threading.Thread(target=answer).start()\n"
+        "with socket.create_connection(server.getsockname(), timeout=2) as client:\n"
+        "    client.sendall(b'hello')\n    print(client.recv(5))",
+        timeout_s=ENDS_S,
+    )
+    assert result.ok, result.error
+    assert result.stdout == "b'olleh'\n"
 
 
 @needs("network")

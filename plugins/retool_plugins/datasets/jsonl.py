@@ -6,7 +6,7 @@ from typing import Any
 
 from retool.data import ProblemDataModule
 from retool.types import Problem
-from retool_plugins.datasets._rows import read_problems
+from retool.rows import read_problems
 
 
 class JsonlProblems(ProblemDataModule):

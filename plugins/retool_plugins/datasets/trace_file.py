@@ -7,14 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from retool.answer import extract_boxed_answer
+from retool.answer import final_boxes
 from retool.data import ProblemDataModule
 from retool.types import Problem, Trace
-from retool_plugins.datasets._rows import (
+from retool.rows import (
     MISSING,
     absent,
     answer_text,
     get_field,
+    import_datasets,
     jsonl_rows,
     missing_field,
     read_problems,
@@ -221,7 +222,7 @@ class TraceFile(ProblemDataModule):
             yield number, row
 
     def _dataset_rows(self, folder: Path) -> list[dict[str, Any]]:
-        datasets = _import_datasets()
+        datasets = import_datasets()
         if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
             data = datasets.load_from_disk(str(folder))  # written by save_to_disk
             if isinstance(data, datasets.DatasetDict):
@@ -238,7 +239,7 @@ class TraceFile(ProblemDataModule):
         return _head(data, self.limit)
 
     def _hub_rows(self) -> list[dict[str, Any]]:
-        datasets = _import_datasets()
+        datasets = import_datasets()
         try:
             data = datasets.load_dataset(str(self.path), split=self.split)
         except Exception as error:
@@ -294,7 +295,8 @@ class TraceFile(ProblemDataModule):
                     )
                 prompt = question
                 if absent(answer):
-                    gold = extract_boxed_answer(response) or ""
+                    # All the final boxes, as the reward reads them: a list answered one box per element.
+                    gold = ", ".join(dict.fromkeys(final_boxes(response)))
                     metadata["answer_from"] = "trace"
         problem_id = MISSING if self.id_field is None else get_field(row, self.id_field)
         stem = Path(str(self.path)).stem
@@ -346,16 +348,6 @@ def _parquet_rows(file: Path, limit: int | None) -> list[dict[str, Any]]:
     if limit is not None:
         table = table.slice(0, limit)
     return table.to_pylist()
-
-
-def _import_datasets() -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(
-            "reading a dataset folder or a hub dataset needs the datasets package: pip install 'retool[data]'"
-        ) from None
-    return datasets
 
 
 def _head(data: Any, limit: int | None) -> list[dict[str, Any]]:

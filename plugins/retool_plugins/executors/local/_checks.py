@@ -13,6 +13,7 @@ import ctypes
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -22,13 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retool.types import CheckResult, ExecutionResult
+from retool_plugins.executors.local import _isolation as iso
 
 if TYPE_CHECKING:
     from retool_plugins.executors.local.sandbox import LocalSandbox
 
 ORDER = (
-    "network", "filesystem", "pid-namespace", "ipc", "user", "process-limit", "seccomp", "cgroups",
-    "memory-limit", "rlimits", "environment", "timeout", "output-cap",
+    "network", "loopback", "filesystem", "pid-namespace", "ipc", "uts", "user", "process-limit", "seccomp",
+    "cgroups", "memory-limit", "rlimits", "environment", "timeout", "output-cap",
 )  # fmt: skip
 _SECRET_VAR = "RETOOL_SANDBOX_CHECK_SECRET"
 
@@ -42,8 +44,14 @@ async def run_checks(sandbox: LocalSandbox) -> list[CheckResult]:
         layers = await sandbox.layers()
         layers["memory-limit"] = (sandbox.memory_mb is not None, _memory_detail(sandbox))
         layers["rlimits"] = (True, "RLIMIT_FSIZE 64 MiB, RLIMIT_NOFILE 256, RLIMIT_CPU, no core files")
+        # Parts of the network and IPC/UTS layers, checked on their own.
+        layers["loopback"] = (layers.get("network", (False, ""))[0], "the session's own lo interface, up")
+        uts = f"the UTS namespace named {iso.HOSTNAME!r}; /etc/passwd lists root, {iso.SANDBOX_USER}, nobody"
+        layers["uts"] = (layers.get("ipc", (False, ""))[0] and layers.get("filesystem", (False, ""))[0], uts)
         tests: dict[str, Callable[[Check], Awaitable[tuple[bool, str]]]] = {
             "network": _network,
+            "loopback": _loopback,
+            "uts": _uts,
             "filesystem": _filesystem,
             "pid-namespace": _pid_namespace,
             "ipc": _ipc,
@@ -132,33 +140,76 @@ async def _network(check: Check) -> tuple[bool, str]:
     return passed, f"connect to the host's 127.0.0.1:{port}: {conn}; interfaces {interfaces}; {len(routes)} routes"
 
 
+async def _loopback(check: Check) -> tuple[bool, str]:
+    seen = await check.json(
+        "import json, socket\n"
+        "server = socket.create_server(('127.0.0.1', 0))\n"
+        "with socket.create_connection(server.getsockname(), timeout=2) as client:\n"
+        "    conn, _ = server.accept(); client.sendall(b'ping'); echoed = conn.recv(4).decode()\n"
+        "print(json.dumps(echoed))"
+    )
+    return seen == "ping", f"a server the cell opened on 127.0.0.1 answered its own connection: {seen!r}"
+
+
+async def _uts(check: Check) -> tuple[bool, str]:
+    seen = await check.json(
+        "import json, os, pwd, socket\n"
+        "print(json.dumps([socket.gethostname(), sorted(p.pw_name for p in pwd.getpwall()), os.path.expanduser('~')]))"
+    )
+    hostname, users, home = seen
+    with open("/etc/passwd", encoding="utf-8", errors="replace") as file:
+        host_users = {line.split(":")[0] for line in file if line.strip()} - {"root", "nobody"}
+    leaked = sorted(set(users) & host_users)
+    passed = hostname == iso.HOSTNAME != socket.gethostname() and not leaked and home == iso.SCRATCH
+    return passed, (
+        f"hostname {hostname!r} (the host's is not shown); users {users}"
+        + (f" (host users {leaked})" if leaked else "")
+        + f"; ~ is {home}"
+    )
+
+
 async def _filesystem(check: Check) -> tuple[bool, str]:
     probe = Path(sys.prefix, f"retool-check-{check.secret}")
-    with tempfile.NamedTemporaryFile("w", prefix="retool-check-", suffix=".key") as key:
-        key.write(check.secret)
-        key.flush()
-        seen = await check.json(
-            "import json, os\n"
-            "def attempt(action):\n"
-            "    try:\n"
-            "        action(); return 'allowed'\n"
-            "    except OSError as exc:\n"
-            "        return f'{type(exc).__name__}: {exc.strerror}'\n"
-            f"write = attempt(lambda: open({str(probe)!r}, 'w').write('x'))\n"
-            f"read = attempt(lambda: open({key.name!r}).read())\n"
-            "shadow = attempt(lambda: open('/etc/shadow').read())\n"
-            "scratch = attempt(lambda: open('/tmp/ok', 'w').write('x'))\n"
-            "print(json.dumps([write, read, shadow, scratch, os.listdir('/home'), os.listdir('/root')]))"
-        )
-    write, read, shadow, scratch, home, root = seen
+    # Answers where a trainer keeps its data: beside the working folder, and in a folder at the root.
+    planted = []
+    for parent in (Path.cwd(), Path("/")):
+        with contextlib.suppress(OSError):
+            folder = Path(tempfile.mkdtemp(prefix="retool-check-", dir=parent))
+            (folder / "answers.jsonl").write_text(f'{{"answer": "{check.secret}"}}\n')
+            planted.append(folder)
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="retool-check-", suffix=".key") as key:
+            key.write(check.secret)
+            key.flush()
+            targets = [key.name, *(str(folder / "answers.jsonl") for folder in planted)]
+            seen = await check.json(
+                "import json, os\n"
+                "def attempt(action):\n"
+                "    try:\n"
+                "        action(); return 'allowed'\n"
+                "    except OSError as exc:\n"
+                "        return f'{type(exc).__name__}: {exc.strerror}'\n"
+                f"write = attempt(lambda: open({str(probe)!r}, 'w').write('x'))\n"
+                f"reads = [attempt(lambda: open(t).read()) for t in {targets!r}]\n"
+                f"lists = [attempt(lambda: os.listdir(os.path.dirname(t))) for t in {targets[1:]!r}]\n"
+                "shadow = attempt(lambda: open('/etc/shadow').read())\n"
+                "scratch = attempt(lambda: open('/tmp/ok', 'w').write('x'))\n"
+                "print(json.dumps([write, reads, lists, shadow, scratch, sorted(os.listdir('/'))]))"
+            )
+    finally:
+        for folder in planted:
+            shutil.rmtree(folder, ignore_errors=True)
+    write, reads, lists, shadow, scratch, top = seen
     created = probe.exists()
     if created:
         probe.unlink()
-    passed = write != "allowed" and read != "allowed" and shadow != "allowed" and scratch == "allowed"
-    passed = passed and not created and home == []
+    passed = write != "allowed" and shadow != "allowed" and scratch == "allowed" and not created
+    passed = passed and all(r != "allowed" for r in reads) and all(r != "allowed" for r in lists)
+    where = ", ".join([str(Path(targets[0]).parent), *(str(folder.parent) for folder in planted)])
     return passed, (
-        f"write into {sys.prefix}: {write}; read a key file the check left in the host's {Path(key.name).parent}: "
-        f"{read}; /etc/shadow: {shadow}; /home lists {home}, /root {root}; write in /tmp (scratch): {scratch}"
+        f"/ lists {top}; write into {sys.prefix}: {write}; read answers planted in {where}: "
+        f"{'; '.join(sorted(set(reads)))}; list their folders: {'; '.join(sorted(set(lists))) or '-'}; "
+        f"/etc/shadow: {shadow}; write in /tmp (scratch): {scratch}"
     )
 
 

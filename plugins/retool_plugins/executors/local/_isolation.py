@@ -6,14 +6,18 @@ raises ``OSError``; which layers a machine supports is decided once, by :func:`p
 
 The layers, by name (the same names ``retool sandbox check`` prints):
 
-* ``network``: a network namespace of its own, holding only a loopback interface that is down, and no route;
-* ``filesystem``: a mount namespace where every host mount is read-only, the folders that hold secrets or other
-  processes' files (``/root``, ``/home``, ``/tmp``, ``/run``, ...) are empty, and the only writable place is a
-  private, size-limited tmpfs at ``/tmp`` (and one at ``/dev/shm``); ``/proc``, ``/sys`` and ``/dev`` are fresh
-  and minimal;
+* ``network``: a network namespace of its own, holding only its own loopback interface (up, so that local
+  sockets work) and no route to anything else;
+* ``filesystem``: an allow-list. The zygote builds, once, a root of its own that holds only the system trees
+  (``/usr`` and the ``/lib``, ``/bin`` links), the interpreter's prefixes and package folders, and a minimal
+  ``/etc`` (see :func:`build_view`); every session's mount namespace is a copy of it, read-only, where the only
+  writable places are a private, size-limited tmpfs at ``/tmp`` (and one at ``/dev/shm``), with ``/proc``,
+  ``/sys`` and ``/dev`` fresh and minimal. Nothing else on the host (datasets, recipes, checkpoints, home
+  folders) can be read or listed: a model cannot learn to read its answers from disk;
 * ``pid-namespace``: the session's processes live in a PID namespace of their own (killing its first process
   kills them all) and see only each other in ``/proc``;
-* ``ipc``: IPC and UTS namespaces of their own (no System V IPC shared with the host);
+* ``ipc``: IPC and UTS namespaces of their own (no System V IPC shared with the host; the hostname is
+  ``sandbox``, not the host's);
 * ``user``: the cell runs as a uid of its own, not root, so it cannot raise its rlimits back, and
   ``RLIMIT_NPROC`` bounds the session's processes (``process-limit``);
 * ``seccomp``: a syscall filter denies the calls a cell has no use for (ptrace, mount, new namespaces, keyrings,
@@ -29,12 +33,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import resource
+import shutil
+import socket
+import struct
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -54,6 +62,7 @@ MS_NOATIME = 0x400
 MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_MOVE = 0x2000
 MS_PRIVATE = 0x40000
 MS_RELATIME = 0x200000
 _MOUNT_OPTION_FLAGS = {
@@ -75,12 +84,22 @@ SECCOMP_MODE_FILTER = 2
 NAMESPACE_LAYERS = ("network", "filesystem", "pid-namespace", "ipc")
 PRIVILEGE_LAYERS = ("user", "process-limit", "seccomp")
 
-# Folders that hold secrets, other users' files or other processes' sockets: empty inside the sandbox.
-HIDDEN = ("/root", "/home", "/tmp", "/var/tmp", "/run", "/mnt", "/media", "/srv")
-# A trainer working directory in (or above) one of these is not hidden: the sandbox needs them to run programs.
-_SYSTEM = ("/", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/var", "/boot")
+# The system's programs and libraries: in a cell's view, as the host has them (a folder, or a merged-/usr link).
+SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# The few /etc files that the C library, Python and the preloaded modules read (dynamic linking, time zone,
+# name-service order, MIME types, service names), copied in; passwd, group, hostname and hosts are written anew.
+ETC_COPIED = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "mime.types", "alternatives",
+    "protocols", "services", "matplotlibrc",
+)  # fmt: skip
+HOSTNAME = "sandbox"
+SANDBOX_USER = "sandbox"
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 SCRATCH = "/tmp"
+# Where the zygote assembles the view before it becomes its root; covered in the zygote's namespace only.
+_STAGE = "/tmp"
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "ppc64": 203, "s390x": 217}
+MNT_DETACH = 2
 
 _libc: Any = None
 
@@ -158,77 +177,212 @@ def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def hidden_folders(extra: Iterable[str]) -> list[str]:
-    """The folders to hide: :data:`HIDDEN` plus ``extra`` (the trainer's working folder and home), minus system ones.
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """``paths`` without those inside another one (binding a parent brings its children), sorted."""
+    unique = sorted(set(paths))
+    return [p for p in unique if not any(p != q and _under(p, q) for q in unique)]
 
-    A folder inside another hidden one is dropped: it is gone with its parent.
+
+def interpreter_paths(modules: Iterable[Any] = ()) -> list[str]:
+    """What the interpreter needs besides :data:`SYSTEM_TREES`: its prefixes, and the ``sys.path`` entries inside
+    them or holding installed packages (``site-packages``, ``dist-packages``, the standard library's zip).
+
+    A ``sys.path`` entry of another kind (an editable install's source folder, a ``PYTHONPATH`` folder, the
+    trainer's working folder) is a project's tree, which may hold data and answers: only the package folders of
+    ``modules`` (the preloaded ones) that live in such an entry are added, so that their lazy imports work.
     """
-    chosen: list[str] = []
-    for path in (*HIDDEN, *extra):
-        path = os.path.realpath(path)
-        if path in _SYSTEM or any(_under(system, path) for system in _SYSTEM):
-            continue  # hiding /usr or / would leave nothing to run
-        if any(_under(path, sys_dir) for sys_dir in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/proc")):
+    prefixes = [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)]
+    found = [p for p in prefixes if p != "/"]
+    for entry in sys.path:
+        if not entry or not os.path.isabs(entry) or not os.path.exists(entry):
             continue
-        if os.path.isdir(path) and not os.path.islink(path) and path not in chosen:
-            chosen.append(path)
-    return [p for p in chosen if not any(p != q and _under(p, q) for q in chosen)]
-
-
-def exposed_paths(hidden: list[str]) -> list[str]:
-    """Paths inside hidden folders that the interpreter needs: its prefixes and ``sys.path`` (read-only)."""
-    wanted = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path]
-    found: list[str] = []
-    for path in wanted:
-        if not path or not os.path.isabs(path) or not os.path.exists(path):
+        real = os.path.realpath(entry)
+        base = os.path.basename(real)
+        if any(_under(real, p) for p in found) or base in ("site-packages", "dist-packages") or real.endswith(".zip"):
+            found.append(real)
+    for module in modules:
+        origin = getattr(module, "__file__", None)
+        if not origin:
             continue
-        path = os.path.realpath(path)
-        if any(_under(path, h) for h in hidden) and path not in found:
-            found.append(path)
-    # A parent makes its children redundant.
-    return sorted(p for p in found if not any(p != q and _under(p, q) for q in found))
+        origin = os.path.realpath(origin)
+        if os.path.basename(origin) == "__init__.py":
+            origin = os.path.dirname(origin)
+        if not any(_under(origin, p) for p in found):
+            found.append(origin)
+    return [p for p in _outermost(found) if not any(_under(p, tree) for tree in SYSTEM_TREES)]
 
 
-def enter_filesystem(hidden: list[str], exposed: list[str], scratch_mb: int, uid: int | None) -> None:
-    """Make this (new) mount namespace read-only and private; only :data:`SCRATCH` and ``/dev/shm`` are writable.
+def build_view(paths: list[str], tmpfs_mb: int = 8) -> None:
+    """Make this process's root a new tree that holds only the system trees, ``paths`` and a minimal ``/etc``,
+    ``/dev``, ``/proc`` and ``/sys``, every mount read-only (run once, in the zygote, as root).
 
-    Must run as root right after ``unshare(CLONE_NEWNS)``, in the new PID namespace (for the fresh ``/proc``).
+    Each session's mount namespace is then a copy of this one: a cell sees nothing of the host but what the
+    interpreter needs (an allow-list, like a bubblewrap or nsjail profile), so a dataset, a recipe or a
+    checkpoint anywhere else on the host cannot be read or listed. On failure the process is back in the
+    mount namespace it started in, and the error is raised.
     """
-    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates back to the host
-    # Handles on what must stay reachable, taken before the folders that hold them are covered.
-    keep = [(path, os.open(path, os.O_PATH | os.O_CLOEXEC)) for path in exposed]
-    devices = [(f"/dev/{name}", os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC)) for name in _DEVICES]
+    original = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        for target, flags in _mounts():
-            if any(_under(target, top) for top in ("/proc", "/sys", "/dev")):
-                continue  # replaced below
-            with contextlib.suppress(OSError):  # a mount covered by another one cannot be reached: skip it
-                mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | flags)
-        _fresh_proc_sys()
-        _fresh_dev(devices)
-        for folder in hidden:
-            if folder == SCRATCH:
-                continue
-            mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        owner = f",uid={uid},gid={uid}" if uid is not None else ""
-        os.makedirs(SCRATCH, exist_ok=True)  # only when / itself has no /tmp (before it is read-only)
-        mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={scratch_mb}m{owner}")
-        # POSIX shared memory and semaphores (multiprocessing's locks) live here: private too.
-        mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode=0700,size={scratch_mb}m{owner}")
-        for path, fd in keep:
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.makedirs(path, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                open(path, "a").close()
-            mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)  # its source is read-only: so is the bind
-        for folder in hidden:
-            if folder != SCRATCH:
-                mount(None, folder, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        unshare(CLONE_NEWNS)
+        try:
+            _assemble(paths, tmpfs_mb)
+        except BaseException:
+            setns(original, CLONE_NEWNS)  # the half-built namespace goes with its last user
+            os.chdir("/")
+            raise
     finally:
-        for _, fd in (*keep, *devices):
+        os.close(original)
+
+
+def _assemble(paths: list[str], tmpfs_mb: int) -> None:
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates back to the host
+    new = _STAGE
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={tmpfs_mb}m")
+    for tree in SYSTEM_TREES:
+        if os.path.islink(tree):
+            os.symlink(os.readlink(tree), new + tree)  # merged /usr: /lib -> usr/lib
+        elif os.path.isdir(tree):
+            _bind(tree, new + tree)
+    for path in paths:
+        _bind(path, new + path)
+    _write_etc(new + "/etc")
+    for folder in ("proc", "sys", "dev", "tmp"):
+        os.makedirs(f"{new}/{folder}", mode=0o755, exist_ok=True)
+    os.chmod(f"{new}/tmp", 0o1777)
+    # Fresh instances, mounted while the host's are still in view (a user namespace may require that); each
+    # session mounts its own over them.
+    mount("proc", f"{new}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("sysfs", f"{new}/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _fresh_dev(f"{new}/dev")
+    _switch_root(new)
+    for target, flags in _mounts():
+        if target in ("/proc", "/sys") or _under(target, "/dev"):
+            continue  # fresh ones, mounted with their own flags
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | flags)
+
+
+def _bind(source: str, target: str, folder: bool | None = None) -> None:
+    if folder if folder is not None else os.path.isdir(source):
+        os.makedirs(target, mode=0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        open(target, "a").close()
+    mount(source, target, None, MS_BIND | MS_REC)
+
+
+def _switch_root(new: str) -> None:
+    """Make ``new`` the root and drop the old one from the namespace (pivot_root, then a lazy unmount)."""
+    number = _PIVOT_ROOT.get(os.uname().machine)
+    os.chdir(new)
+    if number is None:  # an architecture missing from the table: the old root stays, covered and unreachable
+        mount(new, "/", None, MS_MOVE)
+        os.chroot(".")
+        os.chdir("/")
+        return
+    os.mkdir(".old-root")
+    _check(libc().syscall(number, b".", b".old-root"), "pivot_root")
+    os.chdir("/")
+    _check(libc().umount2(b"/.old-root", MNT_DETACH), "umount /.old-root")
+    os.rmdir("/.old-root")
+
+
+def _write_etc(etc: str) -> None:
+    """A minimal /etc: :data:`ETC_COPIED` as the host has them, and neutral identity files."""
+    os.makedirs(etc, mode=0o755)
+    for name in ETC_COPIED:
+        source = f"/etc/{name}"
+        with contextlib.suppress(OSError):
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), f"{etc}/{name}")
+            elif os.path.isdir(source):
+                shutil.copytree(source, f"{etc}/{name}", symlinks=True)
+            elif os.path.isfile(source):
+                shutil.copyfile(source, f"{etc}/{name}")
+    files = {
+        "passwd": passwd(None),
+        "group": group(None),
+        "hostname": f"{HOSTNAME}\n",
+        "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    }
+    for name, text in files.items():
+        with open(f"{etc}/{name}", "w") as file:
+            file.write(text)
+
+
+def passwd(uid: int | None) -> str:
+    """/etc/passwd of a cell: root, the session's own user (``uid``) and nobody; no host user."""
+    own = f"{SANDBOX_USER}:x:{uid}:{uid}:{SANDBOX_USER}:{SCRATCH}:/usr/sbin/nologin\n" if uid is not None else ""
+    return f"root:x:0:0:root:/root:/usr/sbin/nologin\n{own}nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+
+
+def group(gid: int | None) -> str:
+    own = f"{SANDBOX_USER}:x:{gid}:\n" if gid is not None else ""
+    return f"root:x:0:\n{own}nogroup:x:65534:\n"
+
+
+def enter_filesystem(scratch_mb: int, uid: int | None, view: list[str]) -> None:
+    """Finish a session's file system in its new mount namespace (a copy of the zygote's view, see
+    :func:`build_view`): its own ``/proc`` and ``/sys``, a private size-limited tmpfs at :data:`SCRATCH` and at
+    ``/dev/shm`` (the only writable places), and ``/etc/passwd`` naming the session's user.
+
+    Must run as root right after ``unshare(CLONE_NEWNS)``, in the new PID and network namespaces. ``view`` is
+    what :func:`build_view` was given: a part of it under :data:`SCRATCH` (a checkout in ``/tmp``) would be
+    covered by the scratch tmpfs, so it is bound back inside it, read-only.
+    """
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _fresh_proc_sys()
+    keep = [(path, os.open(path, os.O_PATH | os.O_CLOEXEC)) for path in view if _under(path, SCRATCH)]
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    try:
+        mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={scratch_mb}m{owner}")
+        for path, fd in keep:  # the bind keeps the flags of its read-only source
+            _bind(f"/proc/self/fd/{fd}", path, os.path.isdir(f"/proc/self/fd/{fd}"))
+    finally:
+        for _, fd in keep:
             os.close(fd)
+    # POSIX shared memory and semaphores (multiprocessing's locks) live here: private too.
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode=0700,size={scratch_mb}m{owner}")
+    if uid is not None:  # getpwuid() of the cell finds its own user (some libraries need a name)
+        for name, text in (("passwd", passwd(uid)), ("group", group(uid))):
+            _bind_text(text, f"/etc/{name}")
     os.chdir(SCRATCH)
+
+
+def _bind_text(text: str, target: str) -> None:
+    """Cover ``target`` with a read-only file holding ``text``, root's and mode 0444.
+
+    The file is made in the session's scratch tmpfs and unlinked once bound (a memfd cannot be bound: it is on
+    no mount of this namespace), so the cell neither sees nor can change it.
+    """
+    source = f"{SCRATCH}/.retool-{os.path.basename(target)}"
+    fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    try:
+        mount(source, target, None, MS_BIND)
+    finally:
+        os.unlink(source)
+
+
+def set_hostname(name: str = HOSTNAME) -> None:
+    """Name this UTS namespace ``name`` (the host's name is a fact about the host)."""
+    data = name.encode()
+    _check(libc().sethostname(data, len(data)), "sethostname")
+
+
+def loopback_up() -> None:
+    """Bring up ``lo`` in this (new) network namespace: local sockets work, nothing else is reachable."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
 
 
 def _fresh_proc_sys() -> None:
@@ -239,18 +393,23 @@ def _fresh_proc_sys() -> None:
     mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-def _fresh_dev(devices: list[tuple[str, int]]) -> None:
-    """A /dev with only the harmless character devices (no disks, no kernel log), read-only."""
-    mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
-    for path, fd in devices:
-        open(path, "w").close()
-        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND)
-        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
-    os.mkdir("/dev/shm")
+def _fresh_dev(dev: str) -> None:
+    """At ``dev``, a read-only /dev with only the harmless character devices (no disks, no kernel log)."""
+    devices = [(name, os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC)) for name in _DEVICES]
+    try:
+        mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+        for name, fd in devices:
+            open(f"{dev}/{name}", "w").close()
+            mount(f"/proc/self/fd/{fd}", f"{dev}/{name}", None, MS_BIND)
+            mount(None, f"{dev}/{name}", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    finally:
+        for _, fd in devices:
+            os.close(fd)
+    os.mkdir(f"{dev}/shm")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1")):
-        os.symlink(target, f"/dev/{name}")
-    os.symlink("/proc/self/fd/2", "/dev/stderr")
-    mount(None, "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+        os.symlink(target, f"{dev}/{name}")
+    os.symlink("/proc/self/fd/2", f"{dev}/stderr")
+    mount(None, dev, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
 
 
 # ---- limits and privileges ------------------------------------------------------------------------------
@@ -304,8 +463,26 @@ _DENIED = (
 )  # fmt: skip
 
 
-def build_seccomp() -> bytes:
-    """The compiled BPF program of the filter (allow by default, deny :data:`_DENIED`).
+class SeccompFilter(NamedTuple):
+    """A compiled filter and the rules it lacks: ``absent`` calls this architecture does not have (nothing to
+    deny), ``failed`` rules that could not be added (``"name: error"``), which leave that call open."""
+
+    program: bytes
+    absent: list[str]
+    failed: list[str]
+
+    def layer(self) -> tuple[bool, str]:
+        """The ``seccomp`` layer's ``(active, detail)``: not active when any rule failed, so ``strict`` refuses."""
+        detail = "syscall filter (built with pyseccomp): ptrace, mount, namespaces, keyrings, bpf, io_uring, ... denied"
+        if self.absent:
+            detail += f"; not on this architecture (nothing to deny): {', '.join(self.absent)}"
+        if self.failed:
+            return False, f"partly installed: these rules failed, their calls stay open: {'; '.join(self.failed)}"
+        return True, detail
+
+
+def build_seccomp() -> SeccompFilter:
+    """The compiled BPF program of the filter (allow by default, deny :data:`_DENIED`), and what it lacks.
 
     Built once with pyseccomp (raises ``ImportError`` without it) and loaded into each worker with
     :func:`load_seccomp`, which costs microseconds where compiling the filter again would cost a millisecond.
@@ -313,21 +490,31 @@ def build_seccomp() -> bytes:
     import pyseccomp as sc
 
     flt = sc.SyscallFilter(sc.ALLOW)
+    absent: list[str] = []
+    failed: list[str] = []
+
+    def deny(name: str, *args: Any, code: int = errno.EPERM) -> None:
+        if sc.resolve_syscall(sc.system_arch(), name) < 0:
+            absent.append(name)
+            return
+        try:
+            flt.add_rule(sc.ERRNO(code), name, *args)
+        except Exception as exc:
+            failed.append(f"{name}: {type(exc).__name__}: {exc}")
+
     for name in _DENIED:
-        with contextlib.suppress(Exception):  # a call this architecture does not have
-            flt.add_rule(sc.ERRNO(errno.EPERM), name)
+        deny(name)
     # clone with any namespace flag is refused; clone3 (whose flags a filter cannot read) reports ENOSYS, so
     # that the C library falls back to clone.
     for flag in _NAMESPACE_FLAGS:  # rules on one call are alternatives: one per flag
-        flt.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
-    with contextlib.suppress(Exception):
-        flt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+        deny("clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    deny("clone3", code=errno.ENOSYS)
     fd = os.memfd_create("retool-seccomp")
     try:
         with os.fdopen(os.dup(fd), "wb") as file:
             flt.export_bpf(file)
         size = os.lseek(fd, 0, os.SEEK_END)
-        return os.pread(fd, size, 0)
+        return SeccompFilter(os.pread(fd, size, 0), absent, sorted(set(failed)))
     finally:
         os.close(fd)
 
@@ -399,14 +586,15 @@ def _probe_child() -> dict[str, tuple[bool, str]]:  # pragma: no cover - runs in
         why = f"the trainer is not root (uid {os.geteuid()}): cells run as the trainer's user"
         report["user"] = (False, why)
         report["process-limit"] = (False, "RLIMIT_NPROC needs a uid of the session's own (" + why + ")")
-    report["network"] = _try(lambda: unshare(CLONE_NEWNET) or "network namespace: loopback only, down; no route")
-    report["ipc"] = _try(lambda: unshare(CLONE_NEWIPC | CLONE_NEWUTS) or "IPC and UTS namespaces")
+    report["network"] = _try(lambda: unshare(CLONE_NEWNET) or "network namespace: its own loopback only; no route")
+    uts = f"IPC and UTS namespaces (hostname {HOSTNAME!r})"
+    report["ipc"] = _try(lambda: unshare(CLONE_NEWIPC | CLONE_NEWUTS) or uts)
 
     def filesystem() -> str:
         unshare(CLONE_NEWNS)
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         mount("tmpfs", "/mnt" if os.path.isdir("/mnt") else "/tmp", "tmpfs", MS_NOSUID, "size=64k")
-        return "mount namespace: host read-only, secrets hidden, private tmpfs scratch"
+        return "mount namespace (the view is built by the zygote)"
 
     report["filesystem"] = _try(filesystem)
 
@@ -424,8 +612,8 @@ def _probe_child() -> dict[str, tuple[bool, str]]:  # pragma: no cover - runs in
 
     def seccomp() -> str:
         no_new_privs()
-        load_seccomp(build_seccomp())
-        return "syscall filter (built with pyseccomp): ptrace, mount, namespaces, keyrings, bpf, io_uring, ... denied"
+        load_seccomp(build_seccomp().program)
+        return "a syscall filter loads"
 
     if "seccomp" not in report:
         report["seccomp"] = _try(seccomp)

@@ -70,8 +70,7 @@ class Zygote:
         self.preloaded: dict[str, Any] = {}
         self.children: dict[int, int] = {}  # pid -> worker id
         self.seccomp: bytes | None = None  # the compiled filter, loaded by each worker
-        self.hidden: list[str] = []
-        self.exposed: list[str] = []
+        self.view: list[str] = []  # the host paths a cell sees, besides the system trees
         self.own_pidns = -1
         self.subreaper = False  # without a PID namespace: orphans of the sessions become ours, to be killed
         self._last_sweep = 0.0
@@ -100,14 +99,16 @@ class Zygote:
         self._preload()
         if self.active("seccomp"):
             try:
-                self.seccomp = iso.build_seccomp()
+                built = iso.build_seccomp()
             except Exception as exc:
                 self.layers["seccomp"] = (False, f"unavailable: {exc}")
-        if self.active("filesystem"):
-            self.hidden = iso.hidden_folders(self.config["hide"])
-            self.exposed = iso.exposed_paths(self.hidden)
+            else:
+                self.seccomp = built.program  # loaded even when a rule failed: a partial filter beats none
+                self.layers["seccomp"] = built.layer()
         if self.active("pid-namespace"):
             self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        if self.active("filesystem"):
+            self._build_view()
         elif sys.platform.startswith("linux"):
             with contextlib.suppress(OSError, AttributeError):
                 iso.prctl(iso.PR_SET_CHILD_SUBREAPER, 1)
@@ -117,6 +118,22 @@ class Zygote:
         gc.collect()
         gc.freeze()  # workers' garbage collections then leave the zygote's objects (and their pages) alone
         self.send({"hello": os.getpid(), "layers": self.layers, "warnings": self.warnings})
+
+    def _build_view(self) -> None:
+        """Become the root of the view every session copies (see :func:`iso.build_view`), once, after the preloads."""
+        self.view = iso.interpreter_paths(self.preloaded.values())
+        try:
+            iso.build_view(self.view)
+        except OSError as exc:
+            self.layers["filesystem"] = (False, f"could not build the sandbox's file system view: {exc}")
+            return
+        trees = [tree for tree in iso.SYSTEM_TREES if os.path.exists(tree)]
+        self.layers["filesystem"] = (
+            True,
+            "a root of its own holding only " + ", ".join([*trees, *self.view]) + " (read-only), a minimal /etc "
+            f"(hostname {iso.HOSTNAME!r}, no host users), /dev and /proc; writable: a private tmpfs at /tmp and "
+            "/dev/shm",
+        )
 
     def _join_cgroups(self) -> dict[str, tuple[bool, str]]:
         paths = self.config["cgroups"]
@@ -270,9 +287,13 @@ class Zygote:
             flags |= iso.CLONE_NEWNS
         if flags:
             iso.unshare(flags)
+        if self.active("ipc"):
+            iso.set_hostname()
+        if self.active("network"):
+            iso.loopback_up()
         uid = request["uid"]
         if self.active("filesystem"):
-            iso.enter_filesystem(self.hidden, self.exposed, self.config["scratch_mb"], uid)
+            iso.enter_filesystem(self.config["scratch_mb"], uid, self.view)
         worker = os.fork()
         if worker == 0:
             self._become_worker(request, data_fd, mirror_fd)

@@ -3,8 +3,9 @@
 How it works: on first use the sandbox starts one *zygote* process (``sys.executable``, never the trainer
 forked) that imports the preloaded modules once. Each session's worker is forked from it in a few
 milliseconds, already warm, and confines itself before it runs a cell (see ``_isolation.py`` for the layers:
-network, PID, mount and IPC namespaces, a uid of its own, rlimits, seccomp; and the sandbox's cgroups over all
-sessions together). Cells and replies cross a private socket as length-prefixed JSON, never pickle.
+network, PID, mount, IPC and UTS namespaces, a file system view that holds only the interpreter, a uid of its
+own, rlimits, seccomp; and the sandbox's cgroups over all sessions together). Cells and replies cross a
+private socket as length-prefixed JSON, never pickle.
 
 How it holds its limits against hostile code:
 
@@ -66,11 +67,13 @@ class LocalSandbox(Executor):
     Variables, imports and functions persist between the cells of a session, as in a notebook, and a bare
     expression on a cell's last line shows its value. Workers are forked from a warm zygote that runs this
     interpreter (``sys.executable``) and has imported ``preload``, so a session starts in milliseconds. Each
-    worker has no network, sees the host read-only with home folders, ``/tmp`` and ``/run`` emptied, writes
-    only to a private tmpfs at ``/tmp`` (its working and home folder), runs as a uid of its own in PID, mount,
-    network and IPC namespaces of its own under a seccomp filter, with rlimits it cannot raise, and an
-    environment holding nothing of the trainer's. A cell that runs too long or crashes the interpreter kills
-    only its session; the next cell starts a fresh worker and reports ``session_restarted``.
+    worker has no network but its own loopback, sees of the host only what the interpreter needs (``/usr``,
+    the interpreter's prefixes and packages, a minimal ``/etc``; read-only: no dataset, recipe or home folder
+    is there to read), writes only to a private tmpfs at ``/tmp`` (its working and home folder), runs as a uid
+    of its own in PID, mount, network, IPC and UTS namespaces of its own under a seccomp filter, with rlimits
+    it cannot raise, and an environment holding nothing of the trainer's. A cell that runs too long or crashes
+    the interpreter kills only its session; the next cell starts a fresh worker and reports
+    ``session_restarted``.
 
     Args:
         timeout_s: Wall-clock limit of one cell, in seconds; the session's processes are killed when it is
@@ -288,7 +291,6 @@ class LocalSandbox(Executor):
             "cgroups_detail": cgroups.detail,
             "preload": self.preload,
             "preload_optional": self._preload_optional,
-            "hide": [os.getcwd(), os.path.expanduser("~")],  # where a trainer's secrets (.env, keys) live
             "scratch_mb": self.scratch_mb,
             "limits": {
                 "as": None if self.memory_mb is None else self.memory_mb * 2**20,

@@ -1,4 +1,4 @@
-"""Rows of JSON objects into problems: the field access, checks and JSON-lines reading that ``JsonlProblems`` and
+"""Rows of JSON objects into problems: the field access, checks and JSON-lines reading that the dataset plugins and
 ``TraceFile`` share, so that both read a row, and word a bad one, the same way."""
 
 from __future__ import annotations
@@ -80,6 +80,17 @@ def existing_file(path: str, owner: str, option: str) -> Path:
             "one object a line"
         )
     return file
+
+
+def import_datasets() -> Any:
+    """Hugging Face ``datasets``, imported when a dataset folder or a hub id is read (an optional dependency)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            "reading a dataset folder or a hub dataset needs the datasets package: pip install 'retool[data]'"
+        ) from None
+    return datasets
 
 
 def jsonl_rows(file: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
