@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from retool.tables import STEP_COLUMNS, format_value
+from retool.tables import STEP_COLUMNS, eval_set_names, format_value
 from retool.types import EvalRecord, StepRecord
 
 
@@ -71,13 +71,20 @@ class StepTable(ProgressBar):
             return
         result = record.metrics
         parts = [f"[bold]eval[/] at step {record.step}: accuracy {result['eval/accuracy']:.3f}"]
-        parts += [f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith(("eval/avg@", "eval/pass@"))]
-        parts += [
-            f"code ratio {result['eval/code_ratio']:.2f}",
-            f"cell ok {result['eval/cell_ok']:.2f}",
-            f"tokens {result['eval/model_tokens']:.0f}",
-            f"({result['eval/problems']:.0f} problems)",
-        ]
+        names = eval_set_names(result)
+        if names:  # named sets, each with its protocol: their headline numbers
+            for name in names:
+                mine = {k.split("/")[2]: v for k, v in result.items() if k.startswith(f"eval/{name}/")}
+                shown = [f"{k} {v:.3f}" for k, v in mine.items() if k == "accuracy" or k.startswith("avg@")]
+                parts.append(f"{name}: {' '.join(shown)} ({mine['problems']:.0f} problems)")
+        else:
+            parts += [f"{k[5:]} {v:.3f}" for k, v in result.items() if k.startswith(("eval/avg@", "eval/pass@"))]
+            parts += [
+                f"code ratio {result['eval/code_ratio']:.2f}",
+                f"cell ok {result['eval/cell_ok']:.2f}",
+                f"tokens {result['eval/model_tokens']:.0f}",
+                f"({result['eval/problems']:.0f} problems)",
+            ]
         console = self._progress.console if self._progress is not None else self.console
         console.print(", ".join(parts), soft_wrap=True)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
+from retool.eval_sets import EvalSet, Protocol, protocol_of, resolve
+from retool.rows import read_problems
 from retool.types import Problem, Trace
 
 
@@ -99,20 +102,48 @@ class ProblemDataModule(L.LightningDataModule):
     whole step's: each rank takes an equal, disjoint share of every batch (:class:`RankBatches`), and of the
     held-out problems.
 
+    Evaluation sets (``eval_sets``) replace the ``val`` problems with named sets, each evaluated with its own
+    protocol and logged under ``eval/<name>/...`` (see :mod:`retool.eval_sets`); the name ``val`` stands for
+    the dataset's own ``val`` problems among them.
+
     Args:
         batch_size: Problems per RL step (each is rolled out ``group_size`` times by the algorithm), or traces
             per SFT step, over all processes together; it must be a multiple of the number of processes.
         seed: Seed of the shuffling order (and of generated problems, for generators).
         shuffle: Shuffle the training problems each epoch.
+        eval_sets: Named evaluation sets: presets (``aime24``, ``aime25``, ``math500``), ``val`` (this dataset's
+            own held-out problems), or mappings with a ``name``, a ``path`` to a JSON-lines file and protocol
+            options (``n``, ``temperature``, ``top_p``, ``max_new_tokens``, ``greedy``, ``protocol``);
+            ``None``: evaluate on the ``val`` problems as one unnamed set.
+        eval_protocol: The protocol of the sets that name none: ``greedy`` (one greedy answer each),
+            ``paper`` (32 samples at temperature 1.0, top-p 0.7, 16,384 tokens: the ReTool paper's), or a
+            mapping of protocol options.
+        eval_limit: Evaluate at most this many problems of each set (a quick look; ``None``: all).
     """
 
-    def __init__(self, batch_size: int = 2, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        batch_size: int = 2,
+        seed: int = 0,
+        shuffle: bool = True,
+        eval_sets: list[str | dict[str, Any]] | None = None,
+        eval_protocol: str | dict[str, Any] = "greedy",
+        eval_limit: int | None = None,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data batch_size must be >= 1, got {batch_size}")
+        if eval_limit is not None and eval_limit < 1:
+            raise ValueError(f"data eval_limit must be >= 1 or null, got {eval_limit}")
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.eval_sets = eval_sets
+        self.eval_protocol = eval_protocol
+        self.eval_limit = eval_limit
+        # Resolved now, so that an unknown set or protocol option is a recipe error before any weights load.
+        self.named_sets: list[EvalSet] = resolve(eval_sets, eval_protocol, own="val") if eval_sets is not None else []
+        protocol_of(eval_protocol)
         self._splits: dict[str, list[Problem]] = {}
         self._traces: dict[str, list[Trace]] = {}
 
@@ -131,10 +162,41 @@ class ProblemDataModule(L.LightningDataModule):
         )
 
     def problems(self, split: str) -> list[Problem]:
-        """The problems of ``split``, loaded once and cached."""
+        """The problems of ``split``, loaded once and cached (``val``: those of the evaluation sets, if named)."""
         if split not in self._splits:
-            self._splits[split] = list(self.load_problems(split))
+            if split == "val" and self.named_sets:
+                self._splits[split] = self._eval_set_problems()
+            else:
+                self._splits[split] = list(self.load_problems(split))
+                if split == "val" and self.eval_limit is not None:
+                    self._splits[split] = self._splits[split][: self.eval_limit]
         return self._splits[split]
+
+    def eval_protocols(self) -> dict[str, Protocol]:
+        """Each named evaluation set's protocol, by name (empty without ``eval_sets``)."""
+        return {s.name: s.protocol for s in self.named_sets}
+
+    def _eval_set_problems(self) -> list[Problem]:
+        """The problems of every named set, in order, each tagged with its set (``metadata["eval_set"]``)."""
+        problems: list[Problem] = []
+        for chosen in self.named_sets:
+            limit = min(x for x in (chosen.limit, self.eval_limit, 1 << 62) if x is not None)
+            if chosen.path == "":  # the dataset's own val split
+                own = list(self.load_problems("val"))[:limit]
+            else:
+                own = read_problems(
+                    chosen.path,
+                    owner=f"eval set {chosen.name!r}",
+                    options=("path", "prompt_field", "answer_field"),
+                    prompt_field=chosen.prompt_field,
+                    answer_field=chosen.answer_field,
+                    id_field=chosen.id_field,
+                    limit=limit,
+                )
+            if not own:
+                raise ValueError(f"eval set {chosen.name!r} has no problems")
+            problems += [replace(p, metadata={**p.metadata, "eval_set": chosen.name}) for p in own]
+        return problems
 
     def traces(self, split: str) -> list[Trace]:
         """The traces of ``split``, loaded once and cached."""

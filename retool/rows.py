@@ -93,6 +93,21 @@ def import_datasets() -> Any:
     return datasets
 
 
+def load_hub_dataset(path: str, split: str, owner: str, local: str = "path=DIR") -> Any:
+    """``datasets.load_dataset(path, split=split)``; a failure (most often: no network) is a ``ValueError`` that
+    says the path was read as a hub id and how to bring the dataset over (``local``: what to pass instead)."""
+    datasets = import_datasets()
+    try:
+        return datasets.load_dataset(str(path), split=split)
+    except Exception as error:
+        raise ValueError(
+            f"{owner} path={path!r} is no local file or folder, so it was read as a Hugging Face Hub dataset id, "
+            f"and loading it failed ({type(error).__name__}: {error}). If the hub is unreachable from this machine, "
+            f"download the dataset where it is reachable (hf download --repo-type dataset {path} --local-dir DIR), "
+            f"copy it here and pass the local path ({local})"
+        ) from None
+
+
 def jsonl_rows(file: Path, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line; a line that is not a JSON object is a ``ValueError``
     that names ``shown:line``."""

@@ -50,6 +50,42 @@ def eval_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
     ]
 
 
+def eval_set_names(row: dict[str, Any]) -> list[str]:
+    """The named evaluation sets of an evaluation row (keys ``eval/<name>/problems``), in order."""
+    parts = [key.split("/") for key in row if key.startswith("eval/")]
+    return [p[1] for p in parts if len(p) == 3 and p[2] == "problems"]
+
+
+def eval_sets_table(row: dict[str, Any], title: str) -> Any:
+    """One line per named evaluation set of one evaluation row: its size, greedy accuracy, avg@n and pass@k,
+    and the paper's code metrics."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    names = eval_set_names(row)
+    sampled = sorted(
+        {key.split("/")[2] for key in row if key.count("/") == 2 and key.split("/")[2].startswith(("avg@", "pass@"))},
+        key=lambda k: (k.split("@")[0] != "avg", int(k.split("@")[1])),
+    )
+    columns = [
+        ("problems", "problems", "{:d}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        *[(k, k, "{:.3f}") for k in sampled],
+        ("code ratio", "code_ratio", "{:.2f}"),
+        ("code lines", "code_lines", "{:.1f}"),
+        ("cell ok", "cell_ok", "{:.2f}"),
+        ("last cell ok", "last_cell_ok", "{:.2f}"),
+        ("resp tokens", "response_length", "{:.0f}"),
+    ]
+    table = Table(title=title, title_justify="left")
+    table.add_column("set")
+    for header, _, _ in columns:
+        table.add_column(header, justify="right")
+    for name in names:
+        table.add_row(escape(name), *[format_value(row.get(f"eval/{name}/{key}"), fmt) for _, key, fmt in columns])
+    return table
+
+
 def evaluation_table(rows: Sequence[dict[str, Any]], title: str, run_names: Sequence[str] | None = None) -> Any:
     """A rich table of evaluation rows (``{"step": ..., "eval/...": ...}``), one line each, with the paper's metrics.
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from retool import distributed
+from retool.eval_sets import Protocol, pass_at_k
 from retool.metrics import TrajectoryStats, summarize
 from retool.types import EvalRecord, Problem, RewardOutput
 
@@ -41,35 +42,75 @@ class Evaluation:
     _eval: dict[str, list[Any]]
 
     def on_validation_epoch_start(self) -> None:
-        self._eval = {"correct": [], "sampled": [], "stats": [], "samples": []}
+        self._eval = {"problems": [], "stats": [], "samples": []}
         # A sharded policy is gathered once for the whole evaluation: ranks may hold different numbers of batches.
         self._decoding = contextlib.ExitStack()
         self._decoding.enter_context(self.full_weights())
 
     def validation_step(self, problems: list[Problem], batch_idx: int) -> None:
-        """Roll out held-out problems once greedily (and ``eval_samples`` times by sampling) and score them.
+        """Answer held-out problems as their evaluation set's protocol says, and score them.
 
-        The rollout is the training one (same format, budgets, executor), so evaluation measures the policy
-        as RL sees it. Accuracy is the reward's ``correct`` component where it has one, else ``reward > 0``.
+        Without named sets (the data's ``eval_sets``): once greedily, and ``eval_samples`` times by sampling at
+        the rollout's temperature. The rollout is the training one (same format, budgets, executor), so
+        evaluation measures the policy as RL sees it. Accuracy is the reward's ``correct`` component where it
+        has one, else ``reward > 0``.
         """
         if self.rollout is None or self.reward is None:
             raise RuntimeError(f"evaluation needs a rollout and a reward section in the recipe ({type(self).__name__})")
         if not getattr(self, "_eval", None):
             self.on_validation_epoch_start()
+        protocols = self._eval_protocols()
+        first = self._val_position(batch_idx, len(problems))
+        start = 0
+        while start < len(problems):  # a batch may span two sets (they are laid end to end): one run per set
+            name = problems[start].metadata.get("eval_set") if protocols else None
+            end = start + 1
+            while end < len(problems) and (problems[end].metadata.get("eval_set") if protocols else None) == name:
+                end += 1
+            protocol = protocols.get(name) if name is not None else None
+            self._evaluate(problems[start:end], first + start, name, protocol)
+            start = end
+
+    def _evaluate(self, problems: list[Problem], first: int, name: str | None, protocol: Protocol | None) -> None:
+        assert self.rollout is not None and self.reward is not None
         # Sessions (and sampling seeds) are named by the problem's place among all the val problems, not by the
         # rank or the batch: several processes sample what one would.
         prefix = f"e0s{self.global_step}"
-        first = self._val_position(batch_idx, len(problems))
-        with self.rollout.sampling(0.0):
-            greedy = self.rollout.rollout(problems, 1, self.executor, session_prefix=f"{prefix}g", first_index=first)
-        scores = self.reward(greedy.trajectories, problems)
-        correct = correct_answers(scores)
-        self._eval["correct"] += correct
-        self._eval["stats"] += [TrajectoryStats.of(t) for t in greedy.trajectories]
-        for problem, trajectory, reward, ok in zip(problems, greedy.trajectories, scores.rewards, correct):
+        if protocol is None:  # the unnamed val set: greedy, plus the algorithm's eval_samples at the recipe's sampling
+            protocol = Protocol(greedy=True, n=self.eval_samples, temperature=self.rollout.temperature)
+            top_p = None
+        else:
+            top_p = protocol.top_p
+        records = [{"set": name, "correct": None, "sampled": None} for _ in problems]
+        rows: list[tuple[Problem, Any, float, bool]] = []
+        if protocol.greedy:
+            with self.rollout.sampling(0.0, max_new_tokens=protocol.max_new_tokens):
+                greedy = self.rollout.rollout(problems, 1, self.executor, f"{prefix}g", first_index=first)
+            scores = self.reward(greedy.trajectories, problems)
+            correct = correct_answers(scores)
+            for record, ok in zip(records, correct):
+                record["correct"] = ok
+            self._eval["stats"] += [(name, TrajectoryStats.of(t)) for t in greedy.trajectories]
+            rows = list(zip(problems, greedy.trajectories, scores.rewards, correct))
+        k = protocol.n
+        if k:
+            with self.rollout.sampling(protocol.temperature, top_p, protocol.max_new_tokens):
+                sampled = self.rollout.rollout(problems, k, self.executor, f"{prefix}k", first_index=first)
+            repeated = [p for p in problems for _ in range(k)]
+            scores = self.reward(sampled.trajectories, repeated)
+            flags = correct_answers(scores)
+            for i, record in enumerate(records):
+                record["sampled"] = flags[i * k : (i + 1) * k]
+            if not protocol.greedy:  # the samples are the set's answers: their code metrics and first answers
+                self._eval["stats"] += [(name, TrajectoryStats.of(t)) for t in sampled.trajectories]
+                firsts = range(0, len(problems) * k, k)
+                rows = [(p, sampled.trajectories[j], scores.rewards[j], flags[j]) for p, j in zip(problems, firsts)]
+        self._eval["problems"] += records
+        for problem, trajectory, reward, ok in rows:
             self._eval["samples"].append(
                 {
                     "step": int(self.global_step),
+                    **({"eval_set": name} if name is not None else {}),
                     "problem_id": problem.id,
                     "prompt": problem.prompt,
                     "answer": problem.answer,
@@ -80,11 +121,11 @@ class Evaluation:
                     "tool_calls": len(trajectory.tool_calls),
                 }
             )
-        k = self.eval_samples
-        if k:
-            sampled = self.rollout.rollout(problems, k, self.executor, session_prefix=f"{prefix}k", first_index=first)
-            flags = correct_answers(self.reward(sampled.trajectories, [p for p in problems for _ in range(k)]))
-            self._eval["sampled"] += [flags[i * k : (i + 1) * k] for i in range(len(problems))]
+
+    def _eval_protocols(self) -> dict[str, Protocol]:
+        trainer = getattr(self, "_trainer", None)
+        protocols = getattr(getattr(trainer, "datamodule", None), "eval_protocols", None)
+        return dict(protocols()) if protocols is not None else {}
 
     def _val_position(self, batch_idx: int, size: int) -> int:
         trainer = getattr(self, "_trainer", None)
@@ -99,36 +140,71 @@ class Evaluation:
         local = getattr(self, "_eval", None) or {}
         # Each rank evaluated a contiguous share of the problems: gathered in rank order, they are in the
         # problems' order, and every rank computes the numbers one process would.
-        gathered = {key: distributed.gather(local.get(key, [])) for key in ("correct", "sampled", "stats", "samples")}
-        self._eval = gathered
-        correct = gathered["correct"]
-        if not correct:
+        gathered = {key: distributed.gather(local.get(key, [])) for key in ("problems", "stats", "samples")}
+        records = gathered["problems"]
+        if not records:
+            self._eval = {}
             return
-        paper = summarize(gathered["stats"])
-        metrics: dict[str, float] = {
-            "eval/accuracy": mean([float(c) for c in correct]),
-            "eval/problems": float(len(correct)),
-            "eval/code_ratio": paper["tools/code_ratio"],
-            "eval/calls": paper["tools/calls"],
-            "eval/code_lines": paper["tools/code_lines"],
-            "eval/cell_ok": paper["tools/cell_ok"],
-            "eval/last_cell_ok": paper["tools/last_cell_ok"],
-            "eval/first_cell_pos": paper["tools/first_cell_pos"],
-            "eval/response_length": paper["response/length"],
-            "eval/model_tokens": paper["response/model_tokens"],
-        }
-        if self._eval["sampled"]:
-            k = self.eval_samples
-            rows = self._eval["sampled"]
-            metrics[f"eval/avg@{k}"] = mean([float(sum(r)) / k for r in rows])
-            metrics[f"eval/pass@{k}"] = mean([float(any(r)) for r in rows])
-            metrics["eval/k"] = float(k)
+        names = list(dict.fromkeys(r["set"] for r in records))
+        if names == [None]:
+            metrics = set_metrics(records, [s for _, s in gathered["stats"]], "eval")
+        else:
+            metrics = {}
+            headline = []
+            for name in names:
+                mine = [r for r in records if r["set"] == name]
+                numbers = set_metrics(mine, [s for n, s in gathered["stats"] if n == name], f"eval/{name}")
+                metrics.update(numbers)
+                headline.append(numbers[f"eval/{name}/{headline_metric(mine)}"])
+            # One number for the console and the report: the mean of each set's headline number.
+            metrics["eval/accuracy"] = mean(headline)
+            metrics["eval/problems"] = float(len(records))
         # Every rank holds the same gathered numbers: syncing averages equal values (and tells Lightning so).
         self.log_dict(
-            metrics, on_step=False, on_epoch=True, batch_size=len(correct), sync_dist=distributed.world_size() > 1
+            metrics, on_step=False, on_epoch=True, batch_size=len(records), sync_dist=distributed.world_size() > 1
         )
-        self.last_evaluation = EvalRecord(step=int(self.global_step), metrics=metrics, samples=self._eval["samples"])
+        self.last_evaluation = EvalRecord(step=int(self.global_step), metrics=metrics, samples=gathered["samples"])
         self._eval = {}
+
+
+def headline_metric(records: Sequence[dict[str, Any]]) -> str:
+    """A set's main number: ``avg@n`` where it was sampled (the paper's accuracy), else greedy ``accuracy``."""
+    sampled = next((r["sampled"] for r in records if r["sampled"] is not None), None)
+    return f"avg@{len(sampled)}" if sampled else "accuracy"
+
+
+def set_metrics(records: Sequence[dict[str, Any]], stats: Sequence[TrajectoryStats], prefix: str) -> dict[str, float]:
+    """The metrics of one evaluation set under ``prefix``: its greedy accuracy and/or ``avg@n`` and ``pass@k``,
+    and the paper's code metrics of its answers (the greedy ones, else the samples)."""
+    paper = summarize(stats)
+    metrics: dict[str, float] = {}
+    greedy = [r["correct"] for r in records if r["correct"] is not None]
+    if greedy:
+        metrics[f"{prefix}/accuracy"] = mean([float(c) for c in greedy])
+    metrics[f"{prefix}/problems"] = float(len(records))
+    metrics.update(
+        {
+            f"{prefix}/code_ratio": paper["tools/code_ratio"],
+            f"{prefix}/calls": paper["tools/calls"],
+            f"{prefix}/code_lines": paper["tools/code_lines"],
+            f"{prefix}/cell_ok": paper["tools/cell_ok"],
+            f"{prefix}/last_cell_ok": paper["tools/last_cell_ok"],
+            f"{prefix}/first_cell_pos": paper["tools/first_cell_pos"],
+            f"{prefix}/response_length": paper["response/length"],
+            f"{prefix}/model_tokens": paper["response/model_tokens"],
+        }
+    )
+    rows = [r["sampled"] for r in records if r["sampled"]]
+    if rows:
+        k = len(rows[0])
+        metrics[f"{prefix}/avg@{k}"] = mean([float(sum(r)) / k for r in rows])
+        metrics[f"{prefix}/pass@{k}"] = mean([float(any(r)) for r in rows])
+        size = 2
+        while size < k:  # the unbiased estimate at smaller k, from the same samples
+            metrics[f"{prefix}/pass@{size}"] = mean([pass_at_k(k, sum(r), size) for r in rows])
+            size *= 2
+        metrics[f"{prefix}/k"] = float(k)
+    return metrics
 
 
 def correct_answers(scores: RewardOutput) -> list[bool]:

@@ -33,8 +33,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "fit": Command("run", "cmd_fit", "fit --recipe PATH [--print_config] [--section.key VALUE ...]",
                    "train with a recipe"),
-    "validate": Command("run", "cmd_validate", "validate --recipe PATH [--ckpt_path POLICY_OR_CKPT]",
-                        "evaluate a policy on the recipe's held-out problems"),
+    "validate": Command("run", "cmd_validate", "validate --recipe PATH [--ckpt_path POLICY] [--limit N]",
+                        "evaluate a policy on the recipe's held-out or named sets"),
     "report": Command("report", "cmd_report", "report RUN_DIR [RUN_DIR ...]",
                       "draw a run's curves, write its trajectories as HTML"),
     "traces": Command("traces", "cmd_traces", "traces check FILE --executor NAME [--reward NAME]",

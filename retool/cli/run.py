@@ -95,12 +95,16 @@ def cmd_validate(args: list[str], blocked: Sequence[str]) -> int:
     """``retool validate``: evaluate a policy on a recipe's held-out problems.
 
     ``--ckpt_path`` takes a Hugging Face folder (a run's ``policy/``) or a Lightning checkpoint (``.ckpt``);
-    without it the recipe's own policy is evaluated.
+    without it the recipe's own policy is evaluated. ``--data.eval_sets '[aime24, aime25]'`` picks the sets
+    (each with the data's ``eval_protocol``, or its own), and ``--limit N`` evaluates the first N problems
+    of each (``data.eval_limit``).
     """
     found = plugin_registry.discover(blocked)
     if wants_help(args):
         build_parser("retool validate", "Evaluate a policy on a recipe's held-out problems.").print_help()
+        print("\n  --limit N             Evaluate at most N problems of each evaluation set (data.eval_limit).")
         return 0
+    args = _limit_option(args)
     if "--trainer.help" in args:
         print(trainer_help("retool validate"))
         return 0
@@ -131,6 +135,25 @@ def cmd_validate(args: list[str], blocked: Sequence[str]) -> int:
     _print_evaluations(run)
     run.console.print(f"run directory: [cyan]{run.run_dir}[/]")
     return 0
+
+
+def _limit_option(args: list[str]) -> list[str]:
+    """``--limit N`` (or ``--limit=N``) as the data option it stands for, ``--data.init_args.eval_limit N``."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        name, equals, value = args[i].partition("=")
+        if name == "--limit":
+            if not equals:
+                if i + 1 >= len(args):
+                    raise ConfigError("--limit takes a number of problems per evaluation set")
+                value = args[i + 1]
+                i += 1
+            out += ["--data.init_args.eval_limit", value]
+        else:
+            out.append(args[i])
+        i += 1
+    return out
 
 
 def setup_run(
@@ -383,11 +406,16 @@ def validate_all(run: RunSetup, ckpt_path: str | None = None) -> None:
 
 
 def _print_evaluations(run: RunSetup) -> None:
-    from retool.tables import evaluation_table
+    from retool.tables import eval_set_names, eval_sets_table, evaluation_table
 
     if run.table.evaluations:
         rows = [record.row() for record in run.table.evaluations]
-        run.console.print(evaluation_table(rows, "evaluation on held-out problems (greedy)"))
+        if not eval_set_names(rows[-1]):
+            run.console.print(evaluation_table(rows, "evaluation on held-out problems (greedy)"))
+            return
+        for row in rows:  # named sets, each with its own protocol: one line per set
+            title = f"evaluation at step {int(row['step'])}, by set (accuracy: greedy; avg@n, pass@k: sampled)"
+            run.console.print(eval_sets_table(row, title))
 
 
 def _versions(found: Sequence[PluginInfo]) -> dict[str, str]:
@@ -412,8 +440,11 @@ class _NoAdvert(logging.Filter):
 
 
 def _quiet_lightning() -> None:
-    """Drop two lines of Lightning's that say nothing about the run: an advertisement and a deprecation of its own."""
+    """Drop lines of Lightning's that say nothing about the run: an advertisement, a deprecation of its own, and
+    advice for checkpoints of manual optimization that retool's already follow."""
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoAdvert) for f in rank_zero.filters):
         rank_zero.addFilter(_NoAdvert())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # A checkpoint holds the state after its step's update, by design: it is where a resumed run goes on from.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")

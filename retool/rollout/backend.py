@@ -142,18 +142,23 @@ class RolloutBackend(ABC):
         """Continue ``request.token_ids`` until EOS, ``request.stop`` or ``request.max_new_tokens``."""
 
     @contextlib.contextmanager
-    def sampling(self, temperature: float) -> Iterator[None]:
-        """Decode at ``temperature`` inside the block (0 = greedy), then restore the recipe's setting.
+    def sampling(
+        self, temperature: float, top_p: float | None = None, max_new_tokens: int | None = None
+    ) -> Iterator[None]:
+        """Decode at ``temperature`` (0 = greedy), and ``top_p`` and ``max_new_tokens`` where given, inside the
+        block, then restore the recipe's settings.
 
-        Evaluation uses it for its greedy pass; a backend reads ``self.temperature`` at each sampling step,
-        so nothing else needs to change.
+        Evaluation uses it for its greedy pass and for the sampling of its protocols; a backend reads these
+        attributes for each request and sampling step, so nothing else needs to change.
         """
-        saved = self.temperature
+        saved = (self.temperature, self.top_p, self.max_new_tokens)
         self.temperature = temperature
+        self.top_p = self.top_p if top_p is None else top_p
+        self.max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         try:
             yield
         finally:
-            self.temperature = saved
+            self.temperature, self.top_p, self.max_new_tokens = saved
 
     @contextlib.contextmanager
     def decoding(self) -> Iterator[None]:

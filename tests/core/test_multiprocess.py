@@ -43,13 +43,16 @@ data: {{class_path: CountedProblems, init_args: {{batch_size: 4, shuffle: false}
     return path
 
 
-def fit(recipe_path: Path, run_dir: Path | None, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def fit(
+    recipe_path: Path, run_dir: Path | None, *extra: str, cwd: Path | None = None, command: str = "fit"
+) -> subprocess.CompletedProcess:
+    """Run ``retool COMMAND`` (``fit`` or ``validate``) on ``recipe_path`` in a process tree of its own."""
     env = {**os.environ, "RETOOL_PLUGINS": "ddp_plugins", "PYTHONPATH": os.pathsep.join([str(HELPERS), *sys.path])}
     env.pop("RETOOL_RUN_DIR", None)
-    command = [sys.executable, "-m", "retool.cli", "fit", "--recipe", str(recipe_path), *extra]
+    argv = [sys.executable, "-m", "retool.cli", command, "--recipe", str(recipe_path), *extra]
     if run_dir is not None:
-        command += ["--run_dir", str(run_dir)]
-    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+        argv += ["--run_dir", str(run_dir)]
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -298,3 +301,29 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused() -> None:
         match=r"batch_size \(3\) is the whole step's batch and must be a multiple of the number of processes \(2\)",
     ):
         data.train_dataloader()
+
+
+def test_named_eval_sets_on_two_processes_give_the_numbers_of_one(model: Path, tmp_path: Path) -> None:
+    # Each set with its own protocol (a greedily, b sampled twice at top-p 0.9): the ranks answer contiguous
+    # shares of the sets laid end to end, and the gathered numbers are one process's.
+    for name, count in (("a", 6), ("b", 4)):
+        rows = [{"id": f"{name}{i}", "prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(count)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = (
+        f"[{{name: a, path: {tmp_path / 'a.jsonl'}}}, "
+        f"{{name: b, path: {tmp_path / 'b.jsonl'}, greedy: false, n: 2, temperature: 1.0, top_p: 0.9}}]"
+    )
+    path = recipe(tmp_path, model, "GRPO", ", group_size: 2")
+    for run, extra in (("one", ()), ("two", TWO)):
+        fit(path, tmp_path / run, "--data.init_args.eval_sets", sets, *extra, command="validate")
+    ea = [json.loads(line) for line in (tmp_path / "one" / "evaluation.jsonl").read_text().splitlines()]
+    eb = [json.loads(line) for line in (tmp_path / "two" / "evaluation.jsonl").read_text().splitlines()]
+    assert len(ea) == len(eb) == 1 and ea[0].keys() == eb[0].keys()
+    assert ea[0]["eval/a/problems"] == 6 and ea[0]["eval/b/problems"] == 4 and "eval/b/avg@2" in ea[0]
+    for key, value in ea[0].items():
+        assert value == pytest.approx(eb[0][key], nan_ok=True), key
+    answers = []
+    for run in ("one", "two"):
+        rows = [json.loads(line) for line in (tmp_path / run / "eval_trajectories.jsonl").read_text().splitlines()]
+        answers.append([(r["eval_set"], r["problem_id"], r["response"]) for r in rows])
+    assert answers[0] == answers[1] and len(answers[0]) == 10

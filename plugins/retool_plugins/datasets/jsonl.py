@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from retool.data import ProblemDataModule
-from retool.types import Problem
 from retool.rows import read_problems
+from retool.types import Problem
 
 
 class JsonlProblems(ProblemDataModule):

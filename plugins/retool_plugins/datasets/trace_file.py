@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from retool.answer import final_boxes
 from retool.data import ProblemDataModule
-from retool.types import Problem, Trace
 from retool.rows import (
     MISSING,
     absent,
@@ -17,11 +16,13 @@ from retool.rows import (
     get_field,
     import_datasets,
     jsonl_rows,
+    load_hub_dataset,
     missing_field,
     read_problems,
     text_value,
     without_fields,
 )
+from retool.types import Problem, Trace
 
 LAYOUTS = ("fields", "messages", "retool-sft")
 RETOOL_SFT_MARKER = "*user question:*"
@@ -239,17 +240,7 @@ class TraceFile(ProblemDataModule):
         return _head(data, self.limit)
 
     def _hub_rows(self) -> list[dict[str, Any]]:
-        datasets = import_datasets()
-        try:
-            data = datasets.load_dataset(str(self.path), split=self.split)
-        except Exception as error:
-            raise ValueError(
-                f"TraceFile path={self.path!r} is no local file or folder, so it was read as a Hugging Face Hub "
-                f"dataset id, and loading it failed ({type(error).__name__}: {error}). If the hub is unreachable from "
-                f"this machine, download the dataset where it is reachable (hf download --repo-type dataset "
-                f"{self.path} --local-dir DIR), copy it here and pass the local path (path=DIR, or one of its "
-                ".parquet/.jsonl files)"
-            ) from None
+        data = load_hub_dataset(self.path, self.split, "TraceFile", "path=DIR, or one of its .parquet/.jsonl files")
         return _head(data, self.limit)
 
     def _val_problems(self) -> list[Problem]:
