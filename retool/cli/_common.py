@@ -35,13 +35,28 @@ def print_error(message: str) -> None:
     Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
 
 
-def wide_console() -> Any:
-    """A console for tables whose cells (class paths, file paths) must not be cut."""
+FILE_WIDTH = 200
+"""Columns of a console that writes to a file or a pipe (cluster logs, ``nohup``, CI), where rich would assume 80
+and cut the tables; a terminal keeps its own width, and ``COLUMNS`` wins over both."""
+
+
+def console(**options: Any) -> Any:
+    """A rich console for retool's output: a terminal's width on a terminal, else :data:`FILE_WIDTH`."""
+    import os
+
     from rich.console import Console
 
-    console = Console(highlight=False)
-    console.width = max(console.width, 160)
-    return console
+    made = Console(highlight=False, **options)
+    if not made.is_terminal and "COLUMNS" not in os.environ:
+        made.width = FILE_WIDTH
+    return made
+
+
+def wide_console() -> Any:
+    """A console for tables whose cells (class paths, file paths) must not be cut, even on a narrow terminal."""
+    made = console()
+    made.width = max(made.width, 160)
+    return made
 
 
 def command_parser(prog: str, usage: str, description: str) -> Any:

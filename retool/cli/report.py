@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from retool.cli._common import ConfigError, command_parser, parse, wants_help, whole_number
+from retool.cli._common import console as make_console
 
 USAGE = "retool report RUN_DIR [RUN_DIR ...] [--out DIR] [--max-per-step N]"
 
@@ -68,9 +69,8 @@ def cmd_report(args: list[str], blocked: Sequence[str] = ()) -> int:
 
 
 def _console() -> Any:
-    from rich.console import Console
 
-    console = Console(highlight=False)
+    console = make_console()
     console.width = max(console.width, 120)
     return console
 

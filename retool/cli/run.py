@@ -18,6 +18,7 @@ from typing import Any
 from retool import plugins as plugin_registry
 from retool.cli import _common
 from retool.cli._common import RECIPE_ERRORS, ConfigError, innermost, print_error, root_cause, wants_help
+from retool.cli._common import console as make_console
 from retool.cli.recipe import ParsedRecipe, build_parser, parse_recipe, trainer_help
 from retool.cli.resume import (
     Resume,
@@ -243,11 +244,10 @@ def _build_trainer(
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-    from rich.console import Console
 
     from retool.callbacks import RunArtifacts, RunCheckpoints, StepTable
 
-    console = Console(quiet=not launched_as_rank_zero())  # one process speaks for the run
+    console = make_console(quiet=not launched_as_rank_zero())  # one process speaks for the run
     trainer_kwargs = dict(init.trainer)
     callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
     table = StepTable(console)
@@ -263,7 +263,8 @@ def _build_trainer(
     if resume is not None:  # Lightning's warnings about a folder that has files: a resumed run means to continue them
         for folder in ("Experiment logs directory", "Checkpoint directory"):
             warnings.filterwarnings("ignore", message=f"{folder} .* exists and is not empty")
-    if trainer_kwargs.get("logger") in (None, True):
+    extra_loggers = _recipe_loggers(cfg.trainer.get("logger"), run_dir)
+    if extra_loggers or trainer_kwargs.get("logger") in (None, True):
         header, rows = read_csv_rows(run_dir, resume.step) if resume is not None else ([], [])
         csv_logger = CSVLogger(save_dir=run_dir, name="csv", version="")
         if rows and launched_as_rank_zero():
@@ -278,6 +279,7 @@ def _build_trainer(
         trainer_kwargs["logger"] = [
             csv_logger,
             TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""),
+            *extra_loggers,
         ]
     trainer_kwargs["default_root_dir"] = str(run_dir)
     if trainer_kwargs.get("log_every_n_steps") is None:
@@ -306,6 +308,30 @@ def _build_trainer(
     except ValueError as exc:
         raise ConfigError(f"invalid trainer section: {exc}") from None
     return RunSetup(init.algorithm, init.data, trainer, run_dir, table, artifacts, evaluates, console)
+
+
+def _recipe_loggers(spec: Any, run_dir: Path) -> list[Any]:
+    """The loggers a recipe's ``trainer.logger`` names (one or a list of ``class_path``/``init_args``), built here
+    rather than by the parser so that a ``save_dir`` left at its default goes into the run directory; retool's
+    CSV and TensorBoard loggers stay beside them. ``None``, ``True`` and ``False`` name none."""
+    if spec is None or isinstance(spec, bool):
+        return []
+    import importlib
+    import inspect
+
+    loggers = []
+    for one in spec if isinstance(spec, list) else [spec]:
+        one = one.as_dict() if hasattr(one, "as_dict") else dict(one)
+        module, _, name = str(one["class_path"]).rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        options = dict(one.get("init_args") or {})
+        parameters = inspect.signature(cls.__init__).parameters
+        for key in ("save_dir", "root_dir"):  # where each of Lightning's loggers writes its files
+            if key in parameters and options.get(key) in (None, ".", "./"):
+                options[key] = str(run_dir)
+        # The parser filled in the options of the logger's **kwargs (wandb.init's) as None: leave those out.
+        loggers.append(cls(**{k: v for k, v in options.items() if k in parameters or v is not None}))
+    return loggers
 
 
 def strategy_advice(message: str, trainer_kwargs: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from retool.cli._common import ConfigError, command_parser, parse, print_error, wants_help, whole_number
+from retool.cli._common import console as make_console
 
 USAGE = "retool traces check FILE --executor NAME [--reward NAME] [--layout fields|messages|retool-sft] [...]"
 
@@ -179,9 +180,8 @@ def _print_verdicts(options: Any, traces: Sequence[Any], verdicts: Sequence[Any]
         if dropped:
             examples = "\n".join(f"{where(v)}: {v.detail}" for v in dropped[:3])
             table.add_row(f"[red]dropped: {reason}[/]", str(len(dropped)), escape(examples))
-    from rich.console import Console
 
-    console = Console(highlight=False)
+    console = make_console()
     console.width = max(console.width, 120)
     console.print(table)
     for why, count in unchecked.items():

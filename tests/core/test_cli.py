@@ -321,3 +321,33 @@ def test_trainer_log_probs_match_the_sampler(tmp_path: Path, tiny_model_dir: Pat
     assert step["train/skipped"] == 0  # the KL term always has a gradient
     assert step["train/sampler_logprob_diff"] < 1e-3
     assert step["train/kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is still its own reference
+
+
+def test_a_wandb_logger_in_the_recipe_logs_beside_the_run_files(tmp_path: Path, tiny_model_dir: Path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb extra (pip install 'retool[wandb]')")
+    # Offline: W&B writes its run into the run directory and sends nothing anywhere.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-default"))  # where it would go without the run dir
+    recipe = {
+        **TINY_RECIPE,
+        "trainer": {
+            **TINY_RECIPE["trainer"],
+            "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "retool-test"}},
+        },
+    }
+    run_dir = tmp_path / "run"
+    code = main(
+        ["fit", "--recipe", str(_write(tmp_path, recipe)), "--policy.name_or_path", str(tiny_model_dir),
+         "--run_dir", str(run_dir)]
+    )  # fmt: skip
+    import wandb
+
+    wandb.finish()  # what the end of a `retool fit` process does (W&B's exit hook)
+    assert code == 0
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and not (tmp_path / "wandb-default").exists()  # in the run directory, not elsewhere
+    (record,) = runs[0].glob("run-*.wandb")  # W&B's own log of the run, which `wandb sync` uploads
+    data = record.read_bytes()
+    assert b"train/policy_loss" in data and b"reward/mean" in data  # the step's numbers reached W&B
+    assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "tensorboard").is_dir()  # retool's loggers stay

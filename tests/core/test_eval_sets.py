@@ -170,11 +170,13 @@ def test_validate_evaluates_each_set_with_its_protocol(tmp_path: Path, tiny_mode
 
 @pytest.mark.slow
 def test_validate_on_aime24_with_the_built_in_model(tmp_path: Path, capsys) -> None:
-    # The acceptance run: the quickstart's recipe, the shipped AIME 2024 file, the built-in SmolLM2 (no network).
+    # The acceptance run: the quickstart's recipe (whose policy is otherwise stage 1's export), the shipped AIME
+    # 2024 file, the built-in SmolLM2 (no network).
     recipe = Path(__file__).parents[2] / "recipes" / "quickstart" / "grpo.yaml"
     run_dir = tmp_path / "aime"
     code = main(
-        ["validate", "--recipe", str(recipe), "--data.eval_sets", "[aime24]", "--limit", "2",
+        ["validate", "--recipe", str(recipe), "--policy.name_or_path", "smollm2-135m-instruct",
+         "--data.eval_sets", "[aime24]", "--limit", "2",
          "--rollout.max_new_tokens", "96", "--run_dir", str(run_dir)]
     )  # fmt: skip
     out = capsys.readouterr().out

@@ -208,3 +208,21 @@ def test_library_functions_for_scripts(rl_run: Path, tmp_path: Path) -> None:
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: retool report RUN_DIR")
+
+
+def test_tables_written_to_a_file_keep_their_width(monkeypatch) -> None:
+    # Cluster logs, nohup and CI write to files, where rich would assume 80 columns and cut the headers.
+    import io
+
+    from retool.cli._common import FILE_WIDTH, console
+    from retool.tables import evaluation_table
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = io.StringIO()
+    made = console(file=out)
+    assert not made.is_terminal and made.width == FILE_WIDTH
+    made.print(evaluation_table([eval_row(0, 0.25), eval_row(10, 0.5)], "evaluation"))
+    text = out.getvalue()
+    assert "accuracy" in text and "last cell ok" in text and "…" not in text
+    monkeypatch.setenv("COLUMNS", "100")
+    assert console(file=io.StringIO()).width == 100  # an explicit width still wins

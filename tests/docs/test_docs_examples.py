@@ -201,3 +201,46 @@ def test_reference_page_names_every_public_name_and_builtin_plugin() -> None:
     assert len(builtins) >= 6
     index = (DOCS / "index.md").read_text()
     assert [name for name in builtins if f"`{name}`" not in index] == []
+
+
+# A command shown in the docs that only reads (help, a plugin's options, a resolved recipe) runs as shown.
+_READ_ONLY = ("--help", "--print_config", ".help")
+_PLACEHOLDERS = {"COMMAND", "PATH", "RUN_DIR", "NAME", "N", "DIR", "FILE", "RECIPE", "R", "POLICY", "VALUE"}
+_COMMAND = re.compile(r"(?:^|`|\$ )((?:[A-Z_]+=\S+ )*retool [^`\n#]*)", re.MULTILINE)
+
+
+def _read_only_commands() -> list[tuple[str, str]]:
+    found: dict[str, str] = {}
+    for page in sorted([*DOCS.glob("*.md"), ROOT / "README.md"]):
+        for match in _COMMAND.finditer(page.read_text(encoding="utf-8")):
+            command = match.group(1).strip().rstrip("\\").strip()
+            words = command.split()
+            recipe = words[words.index("--recipe") + 1] if "--recipe" in words[:-1] else None
+            # Placeholders (`retool COMMAND --help`, `--rollout.help MyBackend`) stand for a command, not one.
+            placeholder = any(w.strip("[]") in _PLACEHOLDERS or w.startswith("My") for w in words[1:])
+            exists = recipe is None or (ROOT / recipe).is_file()
+            if any(flag in command for flag in _READ_ONLY) and not placeholder and exists:
+                found.setdefault(command, page.name)
+    return sorted((page, command) for command, page in found.items())
+
+
+READ_ONLY_COMMANDS = _read_only_commands()
+
+
+def test_the_docs_show_read_only_commands() -> None:
+    assert len(READ_ONLY_COMMANDS) >= 5  # the finder finds them (a changed pattern would silently find none)
+
+
+@pytest.mark.parametrize(("page", "command"), READ_ONLY_COMMANDS, ids=[c for _, c in READ_ONLY_COMMANDS])
+def test_a_read_only_command_in_the_docs_runs(page: str, command: str, monkeypatch, capsys) -> None:
+    import shlex
+
+    monkeypatch.chdir(ROOT)
+    words = shlex.split(command)
+    while "=" in words[0]:  # VAR=value prefixes, as a shell reads them
+        name, _, value = words.pop(0).partition("=")
+        if name == "PYTHONPATH":
+            monkeypatch.syspath_prepend(str(ROOT / value))
+        monkeypatch.setenv(name, value)
+    assert words[0] == "retool"
+    assert main(words[1:]) == 0, f"{page}: {command}\n{capsys.readouterr().err[-2000:]}"

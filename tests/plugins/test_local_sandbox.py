@@ -558,3 +558,32 @@ def test_the_view_names_the_interpreter_but_not_a_projects_tree(monkeypatch, tmp
         assert iso.interpreter_paths([module]) == sorted([*paths, str((project / "pkg").resolve())])
     finally:
         sys.modules.pop("pkg", None)
+
+
+def test_the_view_reaches_an_interpreter_folder_under_tmp(tmp_path):
+    # A CI clone in /tmp holds the interpreter's virtual environment there, which the zygote's stage (a tmpfs over
+    # /tmp) would cover: the view must still hold it, and nothing beside it.
+    from retool_plugins.executors.local import _isolation as iso
+    from retool_plugins.executors.local.sandbox import missing_layers
+
+    if "filesystem" in missing_layers():
+        pytest.skip(f"needs the filesystem layer ({missing_layers()['filesystem']})")
+    venv = tmp_path / "checkout" / ".venv" / "lib"
+    venv.mkdir(parents=True)
+    (venv / "module.py").write_text("ANSWER = 42\n")
+    (tmp_path / "checkout" / "answers.jsonl").write_text("{}")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child builds the view and reports what it sees
+        try:
+            iso.unshare(iso.CLONE_NEWPID)
+            iso.build_view([str(tmp_path / "checkout" / ".venv")])
+            seen = [sorted(os.listdir(venv)), sorted(os.listdir(tmp_path / "checkout")), os.path.exists("/work")]
+            os.write(write, repr(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    seen = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert seen == repr([["module.py"], [".venv"], False])

@@ -237,14 +237,20 @@ def build_view(paths: list[str], tmpfs_mb: int = 8) -> None:
 def _assemble(paths: list[str], tmpfs_mb: int) -> None:
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates back to the host
     new = _STAGE
-    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={tmpfs_mb}m")
-    for tree in SYSTEM_TREES:
-        if os.path.islink(tree):
-            os.symlink(os.readlink(tree), new + tree)  # merged /usr: /lib -> usr/lib
-        elif os.path.isdir(tree):
-            _bind(tree, new + tree)
-    for path in paths:
-        _bind(path, new + path)
+    links = {tree: os.readlink(tree) for tree in SYSTEM_TREES if os.path.islink(tree)}  # merged /usr: lib -> usr/lib
+    trees = [tree for tree in SYSTEM_TREES if tree not in links and os.path.isdir(tree)]
+    # Handles on every source, taken before the stage covers /tmp: a checkout in /tmp (a CI clone) has its
+    # interpreter there, which the stage's tmpfs would hide.
+    sources = [(path, os.open(path, os.O_PATH | os.O_CLOEXEC)) for path in (*trees, *paths)]
+    try:
+        mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={tmpfs_mb}m")
+        for tree, target in links.items():
+            os.symlink(target, new + tree)
+        for path, fd in sources:
+            _bind(f"/proc/self/fd/{fd}", new + path, os.path.isdir(f"/proc/self/fd/{fd}"))
+    finally:
+        for _, fd in sources:
+            os.close(fd)
     _write_etc(new + "/etc")
     for folder in ("proc", "sys", "dev", "tmp"):
         os.makedirs(f"{new}/{folder}", mode=0o755, exist_ok=True)
