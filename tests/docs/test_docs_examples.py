@@ -244,3 +244,18 @@ def test_a_read_only_command_in_the_docs_runs(page: str, command: str, monkeypat
         monkeypatch.setenv(name, value)
     assert words[0] == "retool"
     assert main(words[1:]) == 0, f"{page}: {command}\n{capsys.readouterr().err[-2000:]}"
+
+
+def test_the_generated_plugin_options_list_every_builtin_plugin_and_option(monkeypatch) -> None:
+    from retool.testing.options import recipe_options
+
+    monkeypatch.syspath_prepend(str(DOCS / "hooks"))
+    hook = importlib.import_module("plugin_options")
+    text = hook.plugin_tables()
+    page = (DOCS / "plugin-options.md").read_text(encoding="utf-8")
+    assert hook.MARKER in page and hook.on_page_markdown(page) != page
+    for plugin in (p for p in discover() if p.package == "retool"):
+        section = text.split(f"### `{plugin.kind}: {plugin.name}`", 1)[1].split("\n### ", 1)[0]
+        for option in recipe_options(plugin.cls):
+            if "." not in option:
+                assert f"| `{option}` |" in section, (plugin.name, option)
