@@ -7,7 +7,7 @@ PY := $(BIN)/python
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: setup quickstart test test-fast test-vllm lint docs clean
+.PHONY: setup quickstart test test-fast test-vllm lint docs docs-shots clean
 
 setup: $(VENV)/.installed
 
@@ -70,3 +70,8 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) site runs .pytest_cache .ruff_cache
+
+# The docs' release check (needs Debian's chromium): build the site, serve it on loopback, screenshot every page,
+# fail on a page that does not render, logs a console error or asks for a missing file. Look at site-shots/*.png.
+docs-shots: setup
+	$(PY) docs/tools/screenshot_pages.py --out site-shots
