@@ -288,3 +288,16 @@ def test_every_error_message_the_docs_show_is_the_one_retool_prints(monkeypatch,
         assert main(command) == 2
         printed = " ".join(capsys.readouterr().err.split())
         assert printed == " ".join(line.split()), f"{page} shows {line!r}; retool prints {printed!r}"
+
+
+def test_every_image_a_page_shows_exists() -> None:
+    # mkdocs --strict checks links and anchors; an image is checked here, so that a moved figure fails CI.
+    images = [
+        (page, target)
+        for page in DOCS.rglob("*.md")
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)", page.read_text(encoding="utf-8"))
+        if "://" not in target
+    ]
+    assert images, "the pages show no image: the pattern no longer finds them"
+    missing = [(page.name, target) for page, target in images if not (page.parent / target).is_file()]
+    assert not missing, f"images that do not exist: {missing}"
