@@ -1,4 +1,10 @@
-"""``retool fit`` and ``retool validate``: one set-up path from a parsed recipe to a Trainer and a run directory."""
+"""``retool fit`` and ``retool validate``: one set-up path from a parsed recipe to a Trainer and a run directory.
+
+One file, because both commands must build a run the same way: instantiate and check the recipe, make the run
+directory, build the loggers, callbacks and Trainer, then fit or evaluate and print what happened. Split, the
+two commands' set-ups would drift apart (a check one makes and the other skips); the parts that stand alone
+(recipe parsing, resume, the tables) already live in ``recipe.py``, ``resume.py`` and ``retool.tables``.
+"""
 
 from __future__ import annotations
 

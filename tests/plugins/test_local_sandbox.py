@@ -17,7 +17,7 @@ import pytest
 from processes import descendants
 
 from retool.types import ExecutionResult
-from retool_plugins.executors.local import LocalSandbox
+from retool_plugins.executors.local import LocalSandbox, missing_layers
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="uses Linux /proc")
 
@@ -510,6 +510,8 @@ def test_without_a_pid_namespace_a_detached_process_does_not_outlive_its_session
     assert survivors() == []
 
 
+LAYERS_MISSING = missing_layers() if sys.platform.startswith("linux") else {"filesystem": "not Linux"}
+
 # ---- the pieces of the isolation that can be checked without a session ----------------------------------
 
 
@@ -560,14 +562,14 @@ def test_the_view_names_the_interpreter_but_not_a_projects_tree(monkeypatch, tmp
         sys.modules.pop("pkg", None)
 
 
+@pytest.mark.skipif(
+    "filesystem" in LAYERS_MISSING, reason=f"needs the filesystem layer ({LAYERS_MISSING.get('filesystem')})"
+)
 def test_the_view_reaches_an_interpreter_folder_under_tmp(tmp_path):
     # A CI clone in /tmp holds the interpreter's virtual environment there, which the zygote's stage (a tmpfs over
     # /tmp) would cover: the view must still hold it, and nothing beside it.
     from retool_plugins.executors.local import _isolation as iso
-    from retool_plugins.executors.local.sandbox import missing_layers
 
-    if "filesystem" in missing_layers():
-        pytest.skip(f"needs the filesystem layer ({missing_layers()['filesystem']})")
     venv = tmp_path / "checkout" / ".venv" / "lib"
     venv.mkdir(parents=True)
     (venv / "module.py").write_text("ANSWER = 42\n")

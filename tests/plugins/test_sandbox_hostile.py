@@ -325,21 +325,31 @@ def _plant(folder: Path) -> Path:
     return data
 
 
+PLANT_SITES = {
+    "filesystem-root": Path("/"),
+    "trainer-cwd": Path.cwd(),
+    "beside-the-venv": Path(sys.prefix).resolve().parent,
+    "var": Path("/var"),
+    "opt": Path("/opt"),
+}
+
+
 @needs("filesystem")
-@pytest.mark.parametrize("where", ["filesystem-root", "trainer-cwd", "beside-the-venv", "var", "opt"])
-def test_answers_on_the_host_cannot_be_read_or_listed(box, where):
+@pytest.mark.parametrize(
+    "parent",
+    [
+        pytest.param(
+            folder,
+            id=where,
+            marks=pytest.mark.skipif(not os.access(folder, os.W_OK), reason=f"cannot plant a file in {folder}"),
+        )
+        for where, folder in PLANT_SITES.items()
+    ],
+)
+def test_answers_on_the_host_cannot_be_read_or_listed(box, parent):
     # Reward hacking through the file system: a model that opens the training data and prints the ground
     # truth would earn full reward. Only what the interpreter needs is in a cell's view; nothing else.
     name = f"retool-answers-{secrets.token_hex(4)}"
-    parent = {
-        "filesystem-root": Path("/"),
-        "trainer-cwd": Path.cwd(),
-        "beside-the-venv": Path(sys.prefix).resolve().parent,
-        "var": Path("/var"),
-        "opt": Path("/opt"),
-    }[where]
-    if not os.access(parent, os.W_OK):
-        pytest.skip(f"cannot plant a file in {parent} (not writable here)")
     data = _plant(parent / name)
     try:
         (result,) = box.run(

@@ -23,9 +23,11 @@ The layers, by name (the same names ``retool sandbox check`` prints):
 * ``seccomp``: a syscall filter denies the calls a cell has no use for (ptrace, mount, new namespaces, keyrings,
   bpf, io_uring, ...).
 
-One file, because the layers are applied in one order inside one forked child (namespaces, then mounts, then
-the uid and limits, then seccomp) and :func:`probe` tries them in that same order: split up, the order
-would live in no single place.
+One file, because the layers are applied in one order (the zygote's view first; then, in each session's
+forked init, namespaces, the session's mounts over the view, the uid and limits, seccomp) and :func:`probe`
+tries them in that same order: split up, the order would live in no single place. The file-system view is
+most of the file; it is built by :func:`build_view` and finished per session by :func:`enter_filesystem`,
+and those two share the mount helpers below, so they stay with them.
 """
 
 from __future__ import annotations
