@@ -259,13 +259,13 @@ def _build_trainer(
     table = StepTable(console)
     artifacts = RunArtifacts(run_dir)
     callbacks += [table, artifacts]
-    if (
-        command == "fit"
-        and trainer_kwargs.get("enable_checkpointing") is not False  # None: Lightning's default, on
-        and not any(isinstance(c, ModelCheckpoint) for c in callbacks)
-        and cfg.checkpoint_every > 0
-    ):
-        callbacks.append(RunCheckpoints(run_dir, every=cfg.checkpoint_every, keep=max(cfg.keep_checkpoints, 1)))
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # a recipe's own ModelCheckpoint is left alone
+        if command == "fit" and trainer_kwargs.get("enable_checkpointing") is not False and cfg.checkpoint_every > 0:
+            callbacks.append(RunCheckpoints(run_dir, every=cfg.checkpoint_every, keep=max(cfg.keep_checkpoints, 1)))
+        else:
+            # checkpoint_every 0 means none: without this, Lightning adds its own ModelCheckpoint, which saves
+            # weights and optimizer state (1.6 GB for SmolLM2-135M) under the first logger's folder.
+            trainer_kwargs["enable_checkpointing"] = False
     if resume is not None:  # Lightning's warnings about a folder that has files: a resumed run means to continue them
         for folder in ("Experiment logs directory", "Checkpoint directory"):
             warnings.filterwarnings("ignore", message=f"{folder} .* exists and is not empty")

@@ -215,6 +215,8 @@ def test_fit_sft_with_evaluation_then_validate(tiny_model_dir: Path, tmp_path: P
     sys.modules.setdefault("tinytraces_for_tests", sys.modules[__name__])
     recipe = json.loads(json.dumps(SFT_RECIPE))
     recipe["data"]["class_path"] = f"{__name__}.TinyTraces"
+    del recipe["trainer"]["enable_checkpointing"]
+    recipe["checkpoint_every"] = 0  # no checkpoints, and none of Lightning's own either
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_dir = tmp_path / "sft"
@@ -239,6 +241,7 @@ def test_fit_sft_with_evaluation_then_validate(tiny_model_dir: Path, tmp_path: P
     assert len(samples) == 12 and {s["correct"] for s in samples} == {True, False}
     assert "evaluation on held-out problems" in out and "loss" in out
     assert (run_dir / "policy" / "config.json").is_file()
+    assert not list(run_dir.rglob("*.ckpt"))
 
     # retool validate on the exported policy writes its own run directory with one evaluation.
     val_dir = tmp_path / "val"
