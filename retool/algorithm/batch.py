@@ -58,6 +58,46 @@ class PolicyBatch:
         return PolicyBatch(**rows, extra={k: v[index] for k, v in self.extra.items()})
 
     @staticmethod
+    def concat(parts: Sequence[PolicyBatch], pad_id: int) -> PolicyBatch:
+        """The rows of ``parts`` in order, as one batch: each part is re-padded to the widest prompt and the widest
+        response (prompt columns on the left, response columns on the right), so every row keeps its tokens,
+        masks and per-token numbers in the columns the layout gives them. A field is kept only if every part
+        has it."""
+        prompt_w = max(p.input_ids.shape[1] - p.response_width for p in parts)
+        resp_w = max(p.response_width for p in parts)
+
+        def widen(tensor: torch.Tensor, part: PolicyBatch, fill: float) -> torch.Tensor:
+            if tensor.dim() == 1:
+                return tensor
+            left = right = 0
+            if tensor.shape[1] == part.response_width:  # response columns
+                right = resp_w - part.response_width
+            elif tensor.shape[1] == part.input_ids.shape[1]:  # prompt + response columns
+                left = prompt_w - (part.input_ids.shape[1] - part.response_width)
+                right = resp_w - part.response_width
+            else:
+                raise ValueError(
+                    f"a per-row tensor of width {tensor.shape[1]} is neither the prompt plus the "
+                    f"response ({part.input_ids.shape[1]}) nor the response ({part.response_width})"
+                )
+            return torch.nn.functional.pad(tensor, (left, right), value=fill)
+
+        fields: dict[str, torch.Tensor | None] = {}
+        for name in PolicyBatch.__dataclass_fields__:
+            if name == "extra":
+                continue
+            values = [getattr(p, name) for p in parts]
+            fill = pad_id if name == "input_ids" else 0
+            fields[name] = (
+                torch.cat([widen(v, p, fill) for v, p in zip(values, parts)])
+                if all(v is not None for v in values)
+                else None
+            )
+        names = set.intersection(*(set(p.extra) for p in parts))
+        extra = {k: torch.cat([widen(p.extra[k], p, 0) for p in parts]) for k in sorted(names)}
+        return PolicyBatch(**fields, extra=extra)  # type: ignore[arg-type]
+
+    @staticmethod
     def placeholder(pad_id: int) -> PolicyBatch:
         """One row of two pad tokens with nothing to learn from (an empty loss mask): a pass that keeps a rank
         in step with the others when the model is sharded and it has run out of rows of its own."""

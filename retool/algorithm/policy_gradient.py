@@ -19,6 +19,7 @@ from retool import distributed
 from retool.algorithm.base import Algorithm
 from retool.algorithm.batch import PolicyBatch
 from retool.algorithm.evaluation import mean
+from retool.algorithm.processes import share_by_tokens
 from retool.metrics import TrajectoryStats, summarize
 from retool.types import Problem, RewardOutput, Trajectory
 
@@ -43,6 +44,12 @@ class PolicyGradient(Algorithm, ABC):
         kl_coef: Weight of a KL penalty to the frozen initial policy (the k3 estimator, in the loss); 0 keeps
             no reference model.
         entropy_coef: Weight of an entropy bonus (0 = none; the entropy is logged either way).
+        balance_ranks: With several processes, share each mini-batch's trajectories among the ranks by tokens
+            (longest first, each to the rank with the fewest tokens so far) for the update's passes, rather than
+            each rank updating on the trajectories it rolled out: ranks whose rollouts ran long no longer hold
+            the others up at every gradient average. Every rank's trajectories are gathered once a step (token
+            ids and per-token numbers). The step is the same either way (the loss is a mean over every rank's
+            tokens); with it, mini-batches are drawn from the global batch as on one process.
         **kwargs: The options of every algorithm (``lr``, ``micro_batch_size``, ``eval_every``, ...).
     """
 
@@ -56,6 +63,7 @@ class PolicyGradient(Algorithm, ABC):
         clip_high: float = 0.28,
         kl_coef: float = 0.0,
         entropy_coef: float = 0.0,
+        balance_ranks: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -74,6 +82,7 @@ class PolicyGradient(Algorithm, ABC):
         self.clip_high = clip_high
         self.kl_coef = kl_coef
         self.entropy_coef = entropy_coef
+        self.balance_ranks = balance_ranks
         self.ref_model: torch.nn.Module | None = None
         self._shuffle = torch.Generator().manual_seed(0)
 
@@ -313,17 +322,28 @@ class PolicyGradient(Algorithm, ABC):
 
         trains_policy = self.updates_policy()
         sums: dict[str, float] = {}
-        tokens_seen = 0.0
+        tokens_seen = pass_tokens = 0.0
         norms: dict[str, list[float]] = {name: [] for name in modules}
-        updates = [(e, s) for e in range(self.epochs) for s in range(0, n, mini)]
+        world = distributed.world_size()
+        shared = self.balance_ranks and world > 1
+        # Balanced, every rank holds every rank's rows, and mini-batches are drawn from the global batch (as on
+        # one process) then shared out by tokens; otherwise each rank draws from its own rows.
+        pool = PolicyBatch.concat(distributed.gather([batch]), pad) if shared else batch
+        size = pool.size
+        step_rows = min(self.mini_batch_size or size, size) if shared else mini
+        lengths = pool.attention_mask.sum(1)
+        updates = [(e, s) for e in range(self.epochs) for s in range(0, size, step_rows)]
         self.model.train()
         for k, (_, start) in enumerate(updates):
             if start == 0:
-                order = torch.randperm(n, generator=self._shuffle) if n > mini else torch.arange(n)
-            index = order[start : start + mini]
-            local_tokens = batch.response_mask[index].sum()
+                order = torch.randperm(size, generator=self._shuffle) if size > step_rows else torch.arange(size)
+            index = order[start : start + step_rows]
+            if shared:
+                share = share_by_tokens(lengths[index].tolist(), world)[self.global_rank]
+                index = index[torch.tensor(share, dtype=torch.long)]
+            local_tokens = pool.response_mask[index].sum()
             token_count = self.token_normalizer(local_tokens)
-            micros = self.passes(batch, index)
+            micros = self.passes(pool, index)
             for m, (_, part) in enumerate(micros):
                 with torch.set_grad_enabled(trains_policy):
                     logprobs, entropy = self.sequence_logprobs(
@@ -338,9 +358,10 @@ class PolicyGradient(Algorithm, ABC):
                         self.manual_backward(loss)
                 for name, value in stats.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
-            for name, value in self.backward_other_modules(batch.select(index), token_count).items():
+            for name, value in self.backward_other_modules(pool.select(index), token_count).items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             tokens_seen += float(local_tokens)
+            pass_tokens += float(lengths[index].sum())
             for i, (name, module) in enumerate(modules.items()):
                 self.sync_gradients(module)
                 last = k == len(updates) - 1 and i == len(modules) - 1
@@ -349,9 +370,13 @@ class PolicyGradient(Algorithm, ABC):
         if batch.sampler_logprobs is not None and batch.old_logprobs is not None:  # measured against the recomputed
             diff = (batch.old_logprobs - batch.sampler_logprobs).abs() * batch.response_mask  # old log-probs
             sums["train/sampler_logprob_diff"] = float(diff.sum()) * self.epochs  # tokens_seen counts each epoch
-        totals = distributed.sum_across({**sums, "tokens": tokens_seen})
+        totals = distributed.sum_across({**sums, "tokens": tokens_seen, "pass_tokens": pass_tokens})
         tokens = max(totals.pop("tokens"), 1.0)
+        all_pass_tokens = totals.pop("pass_tokens")
         stats = {**estimates, **{name: value / tokens for name, value in totals.items()}}
+        if world > 1:  # the busiest rank's tokens (prompt and response) in the passes, over the mean rank's
+            most = distributed.max_across({"pass_tokens": pass_tokens})["pass_tokens"]
+            stats["perf/update_rank_imbalance"] = most * world / max(all_pass_tokens, 1.0)
         for name, values in norms.items():
             key = "train/grad_norm" if name == "policy" else f"train/{name}_grad_norm"
             stats[key] = sum(values) / len(values)

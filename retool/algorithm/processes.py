@@ -9,6 +9,7 @@ strategy runs it, and under DDP averages gradients itself (see :meth:`Processes.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -97,3 +98,17 @@ class Processes(L.LightningModule):
         takes over the same global batch. The tokens of all ranks, over N (at least 1)."""
         total = distributed.sum_across({"tokens": float(local_tokens)})["tokens"]
         return torch.tensor(max(total, 1.0) / distributed.world_size(), dtype=torch.float32)
+
+
+def share_by_tokens(lengths: Sequence[int], ranks: int) -> list[list[int]]:
+    """Which rows (indices into ``lengths``) each of ``ranks`` processes trains on, so that their token counts are
+    close: the longest row first, each to the rank with the fewest tokens so far (the lowest rank on a tie). Every
+    rank gets a row while there are as many rows as ranks, and no rank ends more than the longest row above the
+    mean. The same on every rank (it depends on the lengths only); each rank's rows are in their given order."""
+    loads = [0] * ranks
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    for row in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min(range(ranks), key=lambda r: (loads[r], len(shares[r]), r))
+        shares[rank].append(row)
+        loads[rank] += lengths[row]
+    return [sorted(share) for share in shares]

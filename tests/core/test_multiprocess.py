@@ -136,6 +136,25 @@ def test_sft_on_two_processes_takes_the_steps_of_one(model: Path, tmp_path: Path
     )
 
 
+def test_balanced_ranks_share_the_tokens_and_take_the_mini_batches_of_one_process(model: Path, tmp_path: Path) -> None:
+    # The second rank rolls out the long prompts. Balanced (the default), each mini-batch of the global batch is
+    # shared out by tokens: the busiest rank's passes hold about the mean, and with two mini-batches a step and
+    # token-budget passes, the run takes the steps one process takes over the same global batch.
+    path = recipe(tmp_path, model, "GRPO", ", mini_batch_size: 8, max_tokens_per_micro_batch: 120")
+    text = path.read_text().replace("HalfSilentReward", "ParityReward").replace("CountedProblems", "SkewedProblems")
+    path.write_text(text)
+    fit(path, tmp_path / "one")
+    fit(path, tmp_path / "two", *TWO)
+    assert all(s["train/optimizer_steps"] == 2 for s in steps(tmp_path / "one"))
+    keys = ("reward/mean", "response/model_tokens", "train/policy_loss", "train/grad_norm", "train/entropy",
+            "train/clip_frac", "train/ppo_kl")  # fmt: skip
+    assert_same_run(tmp_path / "one", tmp_path / "two", keys)
+    balanced = [s["perf/update_rank_imbalance"] for s in steps(tmp_path / "two")]
+    fit(path, tmp_path / "own", *TWO, "--algorithm.init_args.balance_ranks", "false")
+    own = [s["perf/update_rank_imbalance"] for s in steps(tmp_path / "own")]
+    assert all(b < 1.1 for b in balanced) and all(o > 1.4 for o in own), (balanced, own)
+
+
 def test_grpo_with_fsdp2_takes_the_steps_of_one_process(model: Path, tmp_path: Path) -> None:
     # Sharded parameters: every rank decodes with the gathered policy for as many steps as its own trajectories
     # need, the second rank's passes teach nothing yet run in step, and the export gathers the shards.

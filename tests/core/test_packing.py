@@ -11,6 +11,7 @@ import torch
 
 from retool.algorithm.batch import PolicyBatch
 from retool.algorithm.packing import pack, supports_packing
+from retool.algorithm.processes import share_by_tokens
 from retool.types import Trajectory
 from retool_plugins.algorithms.grpo import GRPO
 
@@ -140,3 +141,39 @@ def test_packed_and_padded_passes_agree_under_bf16_autocast(algorithm: GRPO) -> 
             out[packed], _ = algorithm.sequence_logprobs(model, b, temperature=1.0)
     assert out[True].dtype == torch.float32  # the head's log-softmax in fp32 either way
     assert torch.allclose(out[False][real], out[True][real], atol=0.05, rtol=0)
+
+
+def test_batches_concatenated_are_the_batch_of_all_their_trajectories() -> None:
+    # Each rank's batch has its own prompt and response widths; gathered, they must line up as if built together.
+    trajectories = [trajectory(p, r, seed) for seed, (p, r) in enumerate(SHAPES)]
+    rewards = [1.0, -1.0, 1.0, -1.0]
+    whole = PolicyBatch.from_trajectories(trajectories, rewards, pad_id=0)
+    parts = [PolicyBatch.from_trajectories(trajectories[i : i + 2], rewards[i : i + 2], pad_id=0) for i in (0, 2)]
+    assert parts[0].input_ids.shape != parts[1].input_ids.shape
+    for part in parts:
+        part.advantages = torch.randn(part.response_mask.shape) * part.response_mask
+        part.extra["per_row"] = torch.arange(part.size, dtype=torch.float32)
+    joined = PolicyBatch.concat(parts, pad_id=0)
+    for name in ("input_ids", "attention_mask", "response_mask", "rewards"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    for i, (part, row) in enumerate(((parts[0], 0), (parts[0], 1), (parts[1], 0), (parts[1], 1))):
+        width = part.response_width
+        assert torch.equal(joined.advantages[i, :width], part.advantages[row])
+        assert not joined.advantages[i, width:].any()
+    assert joined.extra["per_row"].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert joined.old_logprobs is None  # no part had it
+
+
+def test_rows_are_shared_among_ranks_by_tokens() -> None:
+    rng = random.Random(0)
+    for trial in range(200):
+        ranks = rng.randint(1, 5)
+        lengths = [rng.randint(1, 400) for _ in range(rng.randint(ranks, 40))]
+        shares = share_by_tokens(lengths, ranks)
+        assert sorted(i for share in shares for i in share) == list(range(len(lengths)))  # each row once
+        assert all(share and share == sorted(share) for share in shares)  # every rank has rows, in order
+        loads = [sum(lengths[i] for i in share) for share in shares]
+        assert max(loads) <= sum(lengths) / ranks + max(lengths), (trial, loads)
+        assert share_by_tokens(lengths, ranks) == shares  # every rank computes the same
+    # One long row and many short ones: the long row alone on one rank, the short ones on the other.
+    assert share_by_tokens([100] + [10] * 9, 2) == [[0], list(range(1, 10))]

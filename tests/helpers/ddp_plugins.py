@@ -41,3 +41,15 @@ class CountedProblems(ProblemDataModule):
             Trace(problem=p, response=f"{p.prompt[8:-1]} is {p.answer}: \\boxed{{{p.answer}}}")
             for p in self.problems(split)
         ]
+
+
+class SkewedProblems(CountedProblems):
+    """:class:`CountedProblems` whose problems ``p2``, ``p3``, ``p6``, ``p7``, ... have prompts several times longer:
+    unshuffled, in batches of 4 on 2 processes, the second rank's share of every step is the long one."""
+
+    def load_problems(self, split: str) -> list[Problem]:
+        padding = "Take care, and think it over before you answer. " * 12
+        return [
+            Problem(id=p.id, prompt=padding + p.prompt, answer=p.answer) if int(p.id[1:]) % 4 >= 2 else p
+            for p in super().load_problems(split)
+        ]

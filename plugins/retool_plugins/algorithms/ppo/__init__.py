@@ -198,16 +198,22 @@ class PPO(PolicyGradient):
         assert batch.values is not None and batch.returns is not None
         sums = {"train/value_loss": 0.0, "train/value_clip_frac": 0.0, "train/vpred_mean": 0.0}
         size = self.critic_micro_batch_size or self.micro_batch_size
-        micros = torch.arange(batch.size).split(size)
-        for micro in micros:
-            part = batch.select(micro)
+        parts = [batch.select(rows) for rows in torch.arange(batch.size).split(size)]
+        if self.lockstep_passes:  # sharded critic: every rank runs as many passes (ranks' shares may differ in size)
+            most = int(distributed.max_across({"passes": float(len(parts))})["passes"])
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            for _ in range(most - len(parts)):
+                placeholder = PolicyBatch.placeholder(pad)
+                placeholder.values = placeholder.returns = torch.zeros((1, 1))
+                parts.append(placeholder)
+        for m, part in enumerate(parts):
             predicted = self.critic_values(part)
             device = predicted.device
             mask = part.response_mask.to(device)
             loss, clipped = value_loss(
                 predicted, part.values.to(device), part.returns.to(device), mask, self.value_clip or None
             )
-            with self.gradient_sync(self.critic, enabled=micro is micros[-1]):
+            with self.gradient_sync(self.critic, enabled=m == len(parts) - 1):
                 self.manual_backward(loss / token_count.to(device))
             sums["train/value_loss"] += float(loss.detach())
             sums["train/value_clip_frac"] += float(clipped)
