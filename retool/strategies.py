@@ -88,11 +88,26 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         mesh = self.device_mesh["data_parallel"]
         layers = _layer_classes(module)
+        options = {
+            "mesh": mesh,
+            "reshard_after_forward": self.reshard_after_forward,
+            "mp_policy": self.mixed_precision(),
+        }
         for sub in list(module.modules()):
             if sub is not module and type(sub).__name__ in layers:
-                fully_shard(sub, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(module, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+                fully_shard(sub, **options)
+        fully_shard(module, **options)
         return module
+
+    def mixed_precision(self) -> Any:
+        """FSDP2's mixed-precision policy for ``trainer.precision``: under ``bf16-mixed`` each layer is gathered in
+        bf16 and computes in it, while the shards each process keeps (the weights the optimizer steps, and its
+        state) stay in the model's dtype (float32) and gradients are reduced in float32; otherwise no casting."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if str(self.precision_plugin.precision) == "bf16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
 
     @contextlib.contextmanager
     def full_weights(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -212,6 +213,32 @@ def test_grpo_with_deepspeed_zero2_and_zero3_takes_the_steps_of_one_process(mode
     for stage in (2, 3):
         fit(path, tmp_path / f"zero{stage}", "--trainer.devices", "2", "--trainer.strategy", f"deepspeed_stage_{stage}")
         assert_same_run(tmp_path / "one", tmp_path / f"zero{stage}", keys)
+
+
+@needs_deepspeed
+def test_bf16_mixed_computes_in_bf16_and_keeps_the_optimizer_state_in_fp32(model: Path, tmp_path: Path) -> None:
+    # trainer.precision: bf16-mixed. Under fsdp2, FSDP2's mixed precision: layers gathered and run in bf16, the
+    # shards each process keeps (and AdamW's state) in fp32. Under DeepSpeed, its bf16 mode: the module's weights
+    # in bf16, the optimizer's fp32 master copy and moments. Plain fsdp2 is the control: it computes in fp32.
+    path = recipe(tmp_path, model, "GRPO")
+    path.write_text(
+        path.read_text().replace("trainer: {", "trainer: {callbacks: [{class_path: ddp_plugins.DtypeProbe}], ")
+    )
+    start = load_file(model / "model.safetensors")
+    found = {}
+    bf16_mixed = ("--trainer.precision", "bf16-mixed")
+    runs = {"fsdp2-fp32": ("--trainer.strategy", "fsdp2"), "fsdp2": ("--trainer.strategy", "fsdp2", *bf16_mixed),
+            "zero2": ("--trainer.strategy", "deepspeed_stage_2", *bf16_mixed)}  # fmt: skip
+    for name, extra in runs.items():
+        fit(path, tmp_path / name, "--trainer.devices", "2", *extra)
+        found[name] = json.loads((tmp_path / name / "dtypes.json").read_text())
+        trained = load_file(tmp_path / name / "policy" / "model.safetensors")
+        assert max(float((trained[k].float() - start[k]).abs().max()) for k in start) > 1e-3, name  # it learned
+        assert all(math.isfinite(s["train/policy_loss"]) and s["train/grad_norm"] > 0 for s in steps(tmp_path / name))
+    fp32, bf16 = ["torch.float32"], ["torch.bfloat16"]
+    assert found["fsdp2-fp32"] == {"compute": fp32, "gathered": fp32, "parameters": fp32, "optimizer_state": fp32}
+    assert found["fsdp2"] == {"compute": bf16, "gathered": bf16, "parameters": fp32, "optimizer_state": fp32}
+    assert found["zero2"] == {"compute": bf16, "gathered": bf16, "parameters": bf16, "optimizer_state": fp32}
 
 
 @needs_deepspeed

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
 
 from retool import Problem, ProblemDataModule, Reward, RewardOutput, Trace, Trajectory
 
@@ -53,3 +59,37 @@ class SkewedProblems(CountedProblems):
             Problem(id=p.id, prompt=padding + p.prompt, answer=p.answer) if int(p.id[1:]) % 4 >= 2 else p
             for p in super().load_problems(split)
         ]
+
+
+class DtypeProbe(L.Callback):
+    """Writes ``dtypes.json`` in the run directory (rank 0): the dtype the first decoder layer's first linear layer
+    computes in during training and the dtype of its weight in that pass; at the end, the dtypes of the policy's
+    parameters as each process keeps them and of the optimizer's state (looked up inside a wrapping optimizer
+    such as DeepSpeed's)."""
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.compute: set[str] = set()
+        self.gathered: set[str] = set()
+        layer = next(m for m in module.model.modules() if type(m).__name__.endswith("DecoderLayer"))
+        linear = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+        def record(layer: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled():  # a training pass, not a rollout's
+                self.compute.add(str(output.dtype))
+                self.gathered.add(str(layer.weight.dtype))  # the weight as the pass used it (gathered, if sharded)
+
+        linear.register_forward_hook(record)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        optimizer: Any = trainer.optimizers[0]
+        while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        state = {str(v.dtype) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()}
+        found = {
+            "compute": sorted(self.compute),
+            "gathered": sorted(self.gathered),
+            "parameters": sorted({str(p.dtype) for p in module.model.parameters()}),
+            "optimizer_state": sorted(state),
+        }
+        if trainer.global_rank == 0:
+            (Path(trainer.default_root_dir) / "dtypes.json").write_text(json.dumps(found), encoding="utf-8")
