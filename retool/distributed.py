@@ -57,12 +57,30 @@ def any_rank(flag: bool) -> bool:
 
 
 def gather(items: Sequence[T]) -> list[T]:
-    """Every rank's ``items`` concatenated in rank order, on every rank (picklable objects; keep them small)."""
+    """Every rank's ``items`` concatenated in rank order, on every rank (picklable objects, CPU tensors included).
+
+    Under NCCL the objects travel through a gloo group of the same processes, in CPU memory: NCCL would stage
+    every rank's pickled bytes in GPU memory at once (an RL step's gathered batch can be hundreds of MB a rank).
+    """
     if world_size() == 1:
         return list(items)
     parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, list(items))
+    dist.all_gather_object(parts, list(items), group=_object_group())
     return [item for part in parts for item in part]
+
+
+_OBJECT_GROUPS: dict[Any, Any] = {}
+
+
+def _object_group() -> Any:
+    """The group objects are gathered in: the default one under gloo; under another backend, a gloo group of
+    every process, made the first time (every rank calls :func:`gather` together, so every rank makes it)."""
+    if dist.get_backend() == "gloo":
+        return None
+    default = dist.group.WORLD
+    if default not in _OBJECT_GROUPS:
+        _OBJECT_GROUPS[default] = dist.new_group(backend="gloo")
+    return _OBJECT_GROUPS[default]
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
