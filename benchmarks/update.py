@@ -2,14 +2,14 @@
 
 Run it from the repository root (about 10 minutes on 2 CPU cores)::
 
-    python benchmarks/update.py               # both shapes, both paths
+    python benchmarks/update.py               # both shapes, every path
     python benchmarks/update.py --quick       # a smoke run: tiny shapes, one timed update
     python benchmarks/update.py --markdown    # also print the table as Markdown (for docs/performance.md)
 
 One *update* is what an RL step does after its rollout when it takes one on-policy pass (the quickstart's GRPO):
 for each micro-batch, the response tokens' log-probs and entropies (``Algorithm.sequence_logprobs``), the clipped
-policy loss (``PolicyGradient.loss``) and its backward pass; then gradient clipping and an AdamW step. Both
-paths run retool's own code and differ only in ``pack_sequences``:
+policy loss (``PolicyGradient.loss``) and its backward pass; then gradient clipping and an AdamW step. Every
+path runs retool's own code:
 
 (a) padded (``pack_sequences: false``, the path before packing): every row padded to the longest prompt plus the
     longest response, ``(rows, response width, vocabulary)`` float32 logits;
@@ -17,7 +17,9 @@ paths run retool's own code and differ only in ``pack_sequences``:
     each trajectory, the head's log-probs ``logprob_chunk_tokens`` positions at a time (logits recomputed in the
     backward pass);
 (c) packed+ckpt: (b) with the policy's ``gradient_checkpointing`` on (each decoder layer recomputed in the
-    backward pass instead of keeping its activations).
+    backward pass instead of keeping its activations);
+(d) packed+bf16: (b) under bf16 autocast, as ``trainer.precision: bf16-mixed`` runs it (weights, gradients and
+    AdamW's state stay float32; matrix products in bf16: fast where the CPU has AMX, and on GPUs).
 
 A path that runs out of memory (the kernel's out-of-memory killer ends its process) is reported as such.
 
@@ -50,9 +52,9 @@ from typing import Any
 from _tables import print_table  # benchmarks/_tables.py (the script's own folder is on sys.path)
 from rich.console import Console
 
-PATHS = ("padded", "packed", "packed+ckpt")
-"""The paths compared: padded (``pack_sequences: false``), packed, and packed with the policy's
-``gradient_checkpointing`` on."""
+PATHS = ("padded", "packed", "packed+ckpt", "packed+bf16")
+"""The paths compared: padded (``pack_sequences: false``), packed, packed with the policy's
+``gradient_checkpointing`` on, and packed under bf16 autocast."""
 
 SHAPES = {
     # (prompt tokens, response tokens) of each of the 8 trajectories
@@ -154,14 +156,17 @@ def run_one(shape: str, path: str, repeats: int, micro_batch_size: int, chunk: i
     tokens = int(batch.attention_mask.sum())
     padded_tokens = int(batch.attention_mask.numel())
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=path == "packed+bf16")
+
     def update() -> float:
         start = time.perf_counter()
         model.train()
         token_count = batch.response_mask.sum().clamp(min=1)
         for index in algo.micro_batches(batch):
             part = batch.select(index)
-            logprobs, entropy = algo.sequence_logprobs(model, part, with_entropy=True, temperature=1.0)
-            loss, _ = algo.loss(part, logprobs, entropy, token_count)
+            with autocast:  # the forward pass, as Lightning's bf16-mixed runs it; the backward follows its casts
+                logprobs, entropy = algo.sequence_logprobs(model, part, with_entropy=True, temperature=1.0)
+                loss, _ = algo.loss(part, logprobs, entropy, token_count)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -238,7 +243,7 @@ def gib(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed updates after the measured one (2)")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="rows per pass, both paths (8)")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="rows per pass, every path (8)")
     parser.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_tokens of the packed path (1024)")
     parser.add_argument("--shapes", default="quickstart,long", help="comma-separated: quickstart, long")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny shape, one timed update")
