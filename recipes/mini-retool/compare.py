@@ -13,7 +13,7 @@ exactly; the seeds vary the RL stage (``seed_everything`` and the rollout's samp
   ±1 std over seeds per arm; ``reward.png``: the training reward per RL step;
 * one run directory per stage (``code-sft``, ``code-rl-seed0``, ...), each readable with ``retool report``.
 
-Run (about an hour and a half on 2 CPU cores):  python recipes/mini-retool/compare.py --out runs/mini-retool
+Run (its time on 2 CPU cores: docs/mini-retool.md):  python recipes/mini-retool/compare.py --out runs/mini-retool
 """
 
 from __future__ import annotations
