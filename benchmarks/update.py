@@ -1,6 +1,6 @@
 """Update speed and memory: the padded update path against the packed one, on SmolLM2-135M-Instruct.
 
-Run it from the repository root (about 10 minutes on 2 CPU cores)::
+Run it from the repository root (the measured table and its commands: docs/performance.md)::
 
     python benchmarks/update.py               # both shapes, every path
     python benchmarks/update.py --quick       # a smoke run: tiny shapes, one timed update
