@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_env import run_environment
 from safetensors.torch import load_file
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
@@ -48,13 +48,11 @@ def fit(
     recipe_path: Path, run_dir: Path | None, *extra: str, cwd: Path | None = None, command: str = "fit"
 ) -> subprocess.CompletedProcess:
     """Run ``retool COMMAND`` (``fit`` or ``validate``) on ``recipe_path`` in a process tree of its own."""
-    env = {**os.environ, "RETOOL_PLUGINS": "ddp_plugins", "PYTHONPATH": os.pathsep.join([str(HELPERS), *sys.path])}
-    env.pop("RETOOL_RUN_DIR", None)
     argv = [sys.executable, "-m", "retool.cli", command, "--recipe", str(recipe_path), *extra]
     if run_dir is not None:
         argv += ["--run_dir", str(run_dir)]
-    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run(argv, env=run_environment(), cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-12000:]
     return done
 
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_env import run_environment
 from safetensors.torch import load_file
 
 from retool.callbacks import checkpoint_step
-
-HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
 
 def recipe(tmp_path: Path, model: Path, algorithm: str, extra: str = "", every_step: bool = True) -> Path:
@@ -52,12 +51,11 @@ data: {{class_path: CountedProblems, init_args: {{batch_size: 6}}}}
 
 
 def environment() -> dict[str, str]:
-    env = {**os.environ, "RETOOL_PLUGINS": "ddp_plugins", "PYTHONPATH": os.pathsep.join([str(HELPERS), *sys.path])}
+    env = run_environment()
     # One intra-op thread: with two, the first update after a restore sometimes differs from the uninterrupted
     # run's by float rounding (about one ulp in every gradient; forward pass and logged numbers identical), in
     # about one resumed SFT run of four here; with one thread, 18 of 18 were bitwise equal (docs: Stop and resume).
     env["OMP_NUM_THREADS"] = "1"
-    env.pop("RETOOL_RUN_DIR", None)
     return env
 
 
